@@ -1,0 +1,226 @@
+//! The `fleetsql` command line: `run`, `check` and `explain`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+use crate::engine::EngineConfig;
+use crate::mqtt::BrokerUrl;
+use crate::sink::parquet::RollPolicy;
+
+#[derive(Parser, Debug)]
+#[command(name = "fleetsql", version, about = "Stream processing for fleets of IoT devices: MQTT telemetry in, SQL pipelines, commands out, Parquet at rest.", long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run pipelines: subscribe to their sources, evaluate their queries, send commands and
+    /// write Parquet. SIGINT/SIGTERM flush every open window and file, then exit 0.
+    Run(RunArgs),
+    /// Check pipeline files without running them; errors name file, line and column.
+    Check {
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+    },
+    /// Print each query's logical and physical plan.
+    Explain {
+        #[arg(required = true)]
+        pipelines: Vec<PathBuf>,
+    },
+}
+
+fn duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}`: {e} (write e.g. 500ms, 10s, 5m)"))
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Pipeline files (SQL); several files form one pipeline.
+    #[arg(required = true)]
+    pub pipelines: Vec<PathBuf>,
+    /// External MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT. Without it, the engine
+    /// starts its embedded broker on --listen.
+    #[arg(long, env = "FLEETSQL_BROKER")]
+    pub broker: Option<String>,
+    /// PEM file of the CA that signed an mqtts:// broker's certificate (default: system roots).
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Address of the embedded broker (ignored with --broker).
+    #[arg(long, default_value = "127.0.0.1:1883")]
+    pub listen: SocketAddr,
+    /// Where Parquet tables are written: <data-dir>/<table>/date=YYYY-MM-DD/hour=HH/*.parquet.
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+    /// MQTT client id of the engine; keep it stable so the broker keeps the session (and
+    /// the messages queued for it) across restarts.
+    #[arg(long, default_value = "fleetsql")]
+    pub client_id: String,
+    /// Start N simulated devices publishing telemetry that fits the pipeline's sources.
+    #[arg(long, default_value_t = 0)]
+    pub simulate: usize,
+    /// How often each simulated device publishes.
+    #[arg(long, default_value = "1s", value_parser = duration)]
+    pub simulate_interval: Duration,
+    /// Retire a device's actor after this long without a message.
+    #[arg(long, default_value = "5m", value_parser = duration)]
+    pub device_idle_timeout: Duration,
+    /// Commit Parquet files at least this often, so recent rows become queryable.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    pub parquet_roll_interval: Duration,
+    /// Commit a Parquet file once it reaches this many bytes.
+    #[arg(long, default_value_t = 128 << 20)]
+    pub parquet_roll_bytes: usize,
+    /// Number of device shards (actix arbiters, one thread each); default: one per core.
+    #[arg(long)]
+    pub shards: Option<usize>,
+}
+
+impl RunArgs {
+    pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
+        let broker = match &self.broker {
+            Some(b) => {
+                let mut url = BrokerUrl::parse(b).map_err(|e| anyhow::anyhow!(e))?;
+                url.ca_file = self.ca_file.clone();
+                Some(url)
+            }
+            None => None,
+        };
+        Ok(EngineConfig {
+            broker,
+            listen: self.listen,
+            data_dir: self.data_dir.clone(),
+            metrics_addr: self.metrics_addr,
+            client_id: self.client_id.clone(),
+            simulate: self.simulate,
+            simulate_interval: self.simulate_interval,
+            device_idle_timeout: self.device_idle_timeout,
+            flush_interval: Duration::from_millis(20),
+            roll: RollPolicy {
+                max_bytes: self.parquet_roll_bytes,
+                max_age: self.parquet_roll_interval,
+            },
+            shards: self.shards.unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            }),
+        })
+    }
+}
+
+/// Logging when RUST_LOG is unset. The embedded broker logs every dropped client
+/// connection as an error; its own failures are reported by the engine.
+const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttd::server::broker=off,rumqttc=warn";
+
+/// Entry point of the binary; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("fleetsql")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    rt.block_on(async move {
+        match cli.command {
+            Command::Check { pipelines } => match crate::pipeline::load(&pipelines).await {
+                Ok(p) => {
+                    println!(
+                        "ok: {} source(s), {} sink(s), {} quer{}",
+                        p.sources.len(),
+                        p.sinks.len(),
+                        p.queries.len(),
+                        if p.queries.len() == 1 { "y" } else { "ies" }
+                    );
+                    0
+                }
+                Err(d) => {
+                    eprintln!("{d}");
+                    1
+                }
+            },
+            Command::Explain { pipelines } => match crate::pipeline::load(&pipelines).await {
+                Ok(p) => {
+                    for q in &p.queries {
+                        println!("== query {} (into {}) ==", q.spec.name, q.spec.sink);
+                        if let Some(w) = &q.window {
+                            println!(
+                                "window: TUMBLE {} ms over source {}",
+                                w.size_ms, p.sources[w.source].spec.name
+                            );
+                        }
+                        println!("-- logical plan --\n{}", q.logical.display_indent());
+                        println!(
+                            "-- physical plan --\n{}",
+                            datafusion::physical_plan::displayable(q.plan.as_ref()).indent(false)
+                        );
+                    }
+                    0
+                }
+                Err(d) => {
+                    eprintln!("{d}");
+                    1
+                }
+            },
+            Command::Run(args) => {
+                let pipeline = match crate::pipeline::load(&args.pipelines).await {
+                    Ok(p) => p,
+                    Err(d) => {
+                        eprintln!("{d}");
+                        return 2;
+                    }
+                };
+                let cfg = match args.engine_config() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("error: {e}");
+                        return 2;
+                    }
+                };
+                match crate::engine::run(cfg, pipeline, shutdown_signal()).await {
+                    Ok(()) => 0,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        1
+                    }
+                }
+            }
+        }
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
+}

@@ -1,0 +1,363 @@
+//! JSON payloads -> Arrow rows of a source, with bad messages isolated as dead letters.
+//!
+//! The fast path feeds a shard's buffered payloads for one source through one arrow-json
+//! `Decoder` and flushes a single `RecordBatch`. Only when that fails (a payload is not
+//! JSON, is not one object, or has a field of the wrong type) does it fall back to decoding
+//! each payload alone, so one bad message costs its own row and nothing around it.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Float64Array, StringBuilder, TimestampMillisecondArray,
+};
+use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::json::ReaderBuilder;
+use datafusion::arrow::json::reader::Decoder;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::pipeline::compile::{CompiledSource, EventTime, ts_type};
+use crate::pipeline::topic::TopicPattern;
+
+/// What decoding needs to know of a source; shared by every shard.
+#[derive(Debug)]
+pub struct SourceShape {
+    pub index: usize,
+    pub name: String,
+    pub topic: TopicPattern,
+    pub payload_schema: SchemaRef,
+    pub row_schema: SchemaRef,
+    pub event_time: EventTime,
+}
+
+impl SourceShape {
+    pub fn new(index: usize, s: &CompiledSource) -> SourceShape {
+        SourceShape {
+            index,
+            name: s.spec.name.clone(),
+            topic: s.spec.topic.clone(),
+            payload_schema: s.payload_schema.clone(),
+            row_schema: s.row_schema.clone(),
+            event_time: s.event_time.clone(),
+        }
+    }
+}
+
+/// One MQTT message on its way to becoming a row.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub topic: String,
+    pub payload: Bytes,
+    /// Epoch milliseconds when the engine received it.
+    pub received_at: i64,
+}
+
+/// A message that could not become a row, kept with the reason.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub source: Option<String>,
+    pub topic: String,
+    pub payload: Bytes,
+    /// A short, fixed label (metrics are labelled by it).
+    pub reason: &'static str,
+    /// The decoder's own words.
+    pub error: String,
+    pub received_at: i64,
+}
+
+pub mod reason {
+    pub const INVALID_JSON: &str = "invalid_json";
+    pub const NOT_ONE_OBJECT: &str = "not_one_object";
+    pub const SCHEMA_MISMATCH: &str = "schema_mismatch";
+    pub const BAD_EVENT_TIME: &str = "bad_event_time";
+    pub const NO_SOURCE: &str = "no_matching_source";
+}
+
+/// Buffers one source's messages in one shard and turns them into rows.
+pub struct SourceDecoder {
+    shape: Arc<SourceShape>,
+    decoder: Decoder,
+    pending: Vec<Message>,
+}
+
+impl SourceDecoder {
+    pub fn new(shape: Arc<SourceShape>) -> Result<SourceDecoder, ArrowError> {
+        let decoder = build_decoder(&shape.payload_schema)?;
+        Ok(SourceDecoder {
+            shape,
+            decoder,
+            pending: Vec::new(),
+        })
+    }
+
+    /// Buffers a message; the caller flushes at [`MAX_BUFFERED_ROWS`].
+    pub fn push(&mut self, m: Message) {
+        self.pending.push(m);
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Decodes everything buffered. Never fails as a whole: what cannot be decoded comes
+    /// back as dead letters.
+    pub fn flush(&mut self) -> (Option<RecordBatch>, Vec<DeadLetter>) {
+        if self.pending.is_empty() {
+            return (None, vec![]);
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut dead = Vec::new();
+        let (payload, good) = match decode_all(&mut self.decoder, &pending) {
+            Ok(batch) => (batch, pending),
+            Err(_) => {
+                // Something in the lot is bad: the decoder's state is unknown, start afresh
+                // and find the culprits one by one.
+                if let Ok(d) = build_decoder(&self.shape.payload_schema) {
+                    self.decoder = d;
+                }
+                let mut good = Vec::with_capacity(pending.len());
+                for m in pending {
+                    match decode_one(&self.shape.payload_schema, &m.payload) {
+                        Ok(()) => good.push(m),
+                        Err((reason, error)) => dead.push(self.dead(m, reason, error)),
+                    }
+                }
+                if good.is_empty() {
+                    return (None, dead);
+                }
+                match decode_all(&mut self.decoder, &good) {
+                    Ok(b) => (b, good),
+                    Err((reason, error)) => {
+                        // Each decoded alone but not together: should not happen; lose nothing.
+                        if let Ok(d) = build_decoder(&self.shape.payload_schema) {
+                            self.decoder = d;
+                        }
+                        dead.extend(
+                            good.into_iter()
+                                .map(|m| self.dead(m, reason, error.clone())),
+                        );
+                        return (None, dead);
+                    }
+                }
+            }
+        };
+        match self.rows(payload, &good) {
+            Ok((batch, bad_time)) => {
+                for (i, err) in bad_time {
+                    dead.push(self.dead(good[i].clone(), reason::BAD_EVENT_TIME, err));
+                }
+                (Some(batch), dead)
+            }
+            Err(e) => {
+                dead.extend(
+                    good.into_iter()
+                        .map(|m| self.dead(m, reason::SCHEMA_MISMATCH, e.to_string())),
+                );
+                (None, dead)
+            }
+        }
+    }
+
+    fn dead(&self, m: Message, reason: &'static str, error: String) -> DeadLetter {
+        DeadLetter {
+            source: Some(self.shape.name.clone()),
+            topic: m.topic,
+            payload: m.payload,
+            reason,
+            error,
+            received_at: m.received_at,
+        }
+    }
+
+    /// Adds topic captures, event time and receive time to decoded payload columns.
+    /// Rows whose declared event time is unusable are dropped from the batch and returned
+    /// by index for the dead-letter table.
+    fn rows(
+        &self,
+        payload: RecordBatch,
+        msgs: &[Message],
+    ) -> Result<(RecordBatch, Vec<(usize, String)>), ArrowError> {
+        let shape = &self.shape;
+        let n = msgs.len();
+        let captures: Vec<&str> = shape.topic.captures().collect();
+        let mut builders: Vec<StringBuilder> = captures
+            .iter()
+            .map(|_| StringBuilder::with_capacity(n, n * 12))
+            .collect();
+        let mut vals = Vec::with_capacity(captures.len());
+        for m in msgs {
+            vals.clear();
+            if !shape.topic.match_into(&m.topic, &mut vals) {
+                return Err(ArrowError::InvalidArgumentError(format!(
+                    "topic {} does not match {}",
+                    m.topic, shape.topic
+                )));
+            }
+            for (b, v) in builders.iter_mut().zip(&vals) {
+                b.append_value(v);
+            }
+        }
+        let received =
+            TimestampMillisecondArray::from_iter_values(msgs.iter().map(|m| m.received_at))
+                .with_timezone(crate::time::TZ);
+        let mut bad = Vec::new();
+        let event_time: ArrayRef = match &shape.event_time {
+            EventTime::Received => Arc::new(received.clone()),
+            EventTime::Field { name } => {
+                let col = payload
+                    .column_by_name(name)
+                    .ok_or_else(|| ArrowError::SchemaError(format!("no column {name}")))?;
+                let (times, invalid) = event_times(col, &received)?;
+                bad = invalid
+                    .into_iter()
+                    .map(|i| {
+                        (
+                            i,
+                            format!("event time field `{name}` holds a value that is not a time"),
+                        )
+                    })
+                    .collect();
+                times
+            }
+        };
+        let mut columns: Vec<ArrayRef> = builders
+            .into_iter()
+            .map(|mut b| Arc::new(b.finish()) as ArrayRef)
+            .collect();
+        columns.extend(payload.columns().iter().cloned());
+        columns.push(event_time);
+        columns.push(Arc::new(received));
+        let batch = RecordBatch::try_new(shape.row_schema.clone(), columns)?;
+        if bad.is_empty() {
+            return Ok((batch, bad));
+        }
+        let keep: BooleanArray = (0..n)
+            .map(|i| Some(!bad.iter().any(|(b, _)| *b == i)))
+            .collect();
+        Ok((filter_record_batch(&batch, &keep)?, bad))
+    }
+}
+
+/// Most rows one decoder holds between flushes. The decoder stops taking input at its
+/// batch size, so buffers flush before they reach it.
+pub const MAX_BUFFERED_ROWS: usize = 8192;
+
+fn build_decoder(schema: &SchemaRef) -> Result<Decoder, ArrowError> {
+    ReaderBuilder::new(schema.clone())
+        .with_batch_size(MAX_BUFFERED_ROWS)
+        .build_decoder()
+}
+
+/// Every payload must add exactly one complete JSON object to the decoder.
+fn feed(decoder: &mut Decoder, payload: &[u8]) -> Result<(), (&'static str, String)> {
+    let before = decoder.len();
+    decoder
+        .decode(payload)
+        .map_err(|e| (reason::INVALID_JSON, e.to_string()))?;
+    if decoder.has_partial_record() {
+        return Err((
+            reason::INVALID_JSON,
+            "payload ends inside a JSON value".into(),
+        ));
+    }
+    let added = decoder.len() - before;
+    if added != 1 {
+        return Err((
+            reason::NOT_ONE_OBJECT,
+            format!("payload holds {added} JSON values, expected one object"),
+        ));
+    }
+    Ok(())
+}
+
+fn decode_all(
+    decoder: &mut Decoder,
+    msgs: &[Message],
+) -> Result<RecordBatch, (&'static str, String)> {
+    for m in msgs {
+        feed(decoder, &m.payload)?;
+    }
+    match decoder.flush() {
+        Ok(Some(b)) => Ok(b),
+        Ok(None) => Err((reason::NOT_ONE_OBJECT, "nothing decoded".into())),
+        Err(e) => Err((reason::SCHEMA_MISMATCH, e.to_string())),
+    }
+}
+
+fn decode_one(schema: &SchemaRef, payload: &[u8]) -> Result<(), (&'static str, String)> {
+    let mut d = build_decoder(schema).map_err(|e| (reason::SCHEMA_MISMATCH, e.to_string()))?;
+    feed(&mut d, payload)?;
+    match d.flush() {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err((reason::NOT_ONE_OBJECT, "nothing decoded".into())),
+        Err(e) => Err((reason::SCHEMA_MISMATCH, e.to_string())),
+    }
+}
+
+/// Event times in epoch milliseconds. Null falls back to the receive time; a value that is
+/// present but unusable is reported by row index.
+fn event_times(
+    col: &ArrayRef,
+    received: &TimestampMillisecondArray,
+) -> Result<(ArrayRef, Vec<usize>), ArrowError> {
+    let target = ts_type();
+    let ms: TimestampMillisecondArray = match col.data_type() {
+        DataType::Timestamp(_, _) | DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
+            let options = datafusion::arrow::compute::CastOptions {
+                safe: true,
+                ..Default::default()
+            };
+            let c = datafusion::arrow::compute::cast_with_options(col, &target, &options)?;
+            c.as_any()
+                .downcast_ref::<TimestampMillisecondArray>()
+                .cloned()
+                .ok_or_else(|| ArrowError::CastError("event time".into()))?
+        }
+        t if t.is_numeric() => {
+            let f = cast(col, &DataType::Float64)?;
+            let f = f
+                .as_any()
+                .downcast_ref::<Float64Array>()
+                .cloned()
+                .ok_or_else(|| ArrowError::CastError("event time".into()))?;
+            // Epoch seconds and milliseconds told apart by size: 10^11 s is the year 5138,
+            // 10^11 ms is 1973.
+            f.iter()
+                .map(|v| {
+                    v.and_then(|v| {
+                        if !v.is_finite() {
+                            None
+                        } else if v.abs() < 1e11 {
+                            Some((v * 1000.0).round() as i64)
+                        } else {
+                            Some(v.round() as i64)
+                        }
+                    })
+                })
+                .collect()
+        }
+        other => return Err(ArrowError::CastError(format!("event time of type {other}"))),
+    };
+    let mut invalid = Vec::new();
+    let mut out = Vec::with_capacity(ms.len());
+    for i in 0..ms.len() {
+        if ms.is_valid(i) {
+            out.push(ms.value(i));
+        } else {
+            if col.is_valid(i) {
+                invalid.push(i);
+            }
+            out.push(received.value(i));
+        }
+    }
+    Ok((
+        Arc::new(TimestampMillisecondArray::from(out).with_timezone(crate::time::TZ)),
+        invalid,
+    ))
+}

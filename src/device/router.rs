@@ -1,0 +1,253 @@
+//! Shard routers: device id -> actor, the shard's row buffer, periodic flushes to the engine,
+//! and retirement of idle devices.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::actor::{DeviceActor, DeviceReading, Retire, Sync};
+use crate::decode::{Message as Msg, SourceDecoder, SourceShape};
+use crate::engine::EngineEvent;
+use crate::metrics::Metrics;
+
+/// One message routed to a shard: which source it matched and where the device id sits in
+/// its topic (so the router looks the actor up without allocating).
+pub struct Reading {
+    pub source: usize,
+    pub device: std::ops::Range<usize>,
+    pub msg: Msg,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Ingest(pub Vec<Reading>);
+
+/// Hand every buffered row to the engine, including readings still in device mailboxes.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushNow;
+
+/// Rows buffered in one shard, one decoder per source. Flushed on a timer, when a source's
+/// buffer is full, and on shutdown.
+pub struct ShardBuffer {
+    decoders: Vec<SourceDecoder>,
+    out: UnboundedSender<EngineEvent>,
+    max_rows: usize,
+}
+
+impl ShardBuffer {
+    pub fn new(
+        shapes: &[Arc<SourceShape>],
+        out: UnboundedSender<EngineEvent>,
+        max_rows: usize,
+    ) -> anyhow::Result<Self> {
+        let decoders = shapes
+            .iter()
+            .map(|s| SourceDecoder::new(s.clone()))
+            .collect::<Result<_, _>>()?;
+        Ok(ShardBuffer {
+            decoders,
+            out,
+            max_rows,
+        })
+    }
+
+    pub fn push(&mut self, source: usize, msg: Msg) {
+        let Some(d) = self.decoders.get_mut(source) else {
+            return;
+        };
+        d.push(msg);
+        if d.len() >= self.max_rows {
+            self.flush_source(source);
+        }
+    }
+
+    fn flush_source(&mut self, source: usize) {
+        let (batch, dead) = self.decoders[source].flush();
+        // A closed channel means the engine is gone (shutdown); nothing left to tell.
+        if let Some(batch) = batch {
+            let _ = self.out.send(EngineEvent::Rows { source, batch });
+        }
+        if !dead.is_empty() {
+            let _ = self.out.send(EngineEvent::DeadLetters(dead));
+        }
+    }
+
+    pub fn flush_all(&mut self) {
+        for i in 0..self.decoders.len() {
+            if !self.decoders[i].is_empty() {
+                self.flush_source(i);
+            }
+        }
+    }
+}
+
+struct Entry {
+    addr: Addr<DeviceActor>,
+    last_seen: Instant,
+}
+
+pub struct ShardRouter {
+    devices: HashMap<Arc<str>, Entry>,
+    buffer: Rc<RefCell<ShardBuffer>>,
+    metrics: Arc<Metrics>,
+    idle_timeout: Duration,
+    flush_interval: Duration,
+}
+
+impl Actor for ShardRouter {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        // Readings arriving faster than they are handled wait here, not in an unbounded queue.
+        ctx.set_mailbox_capacity(64);
+        ctx.run_interval(self.flush_interval, |act, _| {
+            act.buffer.borrow_mut().flush_all()
+        });
+        let sweep =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        ctx.run_interval(sweep, |act, _| act.retire_idle());
+    }
+}
+
+impl ShardRouter {
+    fn retire_idle(&mut self) {
+        let now = Instant::now();
+        let timeout = self.idle_timeout;
+        self.devices.retain(|_, e| {
+            let keep = now.duration_since(e.last_seen) < timeout;
+            if !keep {
+                e.addr.do_send(Retire);
+            }
+            keep
+        });
+    }
+}
+
+impl Handler<Ingest> for ShardRouter {
+    type Result = ();
+
+    fn handle(&mut self, Ingest(readings): Ingest, _ctx: &mut Self::Context) {
+        let now = Instant::now();
+        for r in readings {
+            let id = &r.msg.topic[r.device.clone()];
+            let entry = match self.devices.get_mut(id) {
+                Some(e) => e,
+                None => {
+                    let id: Arc<str> = Arc::from(id);
+                    let actor =
+                        DeviceActor::new(id.clone(), self.buffer.clone(), self.metrics.clone());
+                    self.devices.entry(id).or_insert(Entry {
+                        addr: actor.start(),
+                        last_seen: now,
+                    })
+                }
+            };
+            entry.last_seen = now;
+            entry.addr.do_send(DeviceReading {
+                source: r.source,
+                msg: r.msg,
+            });
+        }
+    }
+}
+
+impl Handler<FlushNow> for ShardRouter {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, _: FlushNow, _ctx: &mut Self::Context) -> Self::Result {
+        // Mailboxes are FIFO: once every device has answered Sync, every reading routed
+        // before this message is in the buffer.
+        let syncs: Vec<_> = self.devices.values().map(|e| e.addr.send(Sync)).collect();
+        Box::pin(
+            async move {
+                futures::future::join_all(syncs).await;
+            }
+            .into_actor(self)
+            .map(|_, act, _| act.buffer.borrow_mut().flush_all()),
+        )
+    }
+}
+
+/// The running shards: their addresses and the actix system that hosts them.
+pub struct Shards {
+    pub routers: Vec<Addr<ShardRouter>>,
+    system: actix::System,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Shards {
+    /// Flushes every shard; returns once their rows are on the engine's channel.
+    pub async fn flush(&self) {
+        let all: Vec<_> = self.routers.iter().map(|r| r.send(FlushNow)).collect();
+        for r in futures::future::join_all(all).await {
+            if let Err(e) = r {
+                tracing::warn!("shard flush failed: {e}");
+            }
+        }
+    }
+
+    pub fn stop(mut self) {
+        self.system.stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts an actix system on its own thread with `n` arbiters, one shard router on each.
+pub fn start_shards(
+    n: usize,
+    shapes: Vec<Arc<SourceShape>>,
+    out: UnboundedSender<EngineEvent>,
+    metrics: Arc<Metrics>,
+    idle_timeout: Duration,
+    flush_interval: Duration,
+) -> anyhow::Result<Shards> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("actix-system".into())
+        .spawn(move || {
+            let sys = actix::System::new();
+            sys.block_on(async move {
+                let mut routers = Vec::with_capacity(n);
+                for i in 0..n {
+                    let arbiter = actix::Arbiter::new();
+                    let (shapes, out, metrics) = (shapes.clone(), out.clone(), metrics.clone());
+                    let buffer = ShardBuffer::new(&shapes, out, crate::decode::MAX_BUFFERED_ROWS);
+                    let buffer = match buffer {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Err(anyhow::anyhow!("shard {i}: {e}")));
+                            return;
+                        }
+                    };
+                    // The buffer is Send; it becomes an Rc inside the arbiter that owns it.
+                    let router =
+                        ShardRouter::start_in_arbiter(&arbiter.handle(), move |_| ShardRouter {
+                            devices: HashMap::new(),
+                            buffer: Rc::new(RefCell::new(buffer)),
+                            metrics,
+                            idle_timeout,
+                            flush_interval,
+                        });
+                    routers.push(router);
+                }
+                let _ = tx.send(Ok((routers, actix::System::current())));
+            });
+            let _ = sys.run();
+        })?;
+    let (routers, system) = rx
+        .recv()
+        .map_err(|_| anyhow::anyhow!("actix system did not start"))??;
+    Ok(Shards {
+        routers,
+        system,
+        thread: Some(thread),
+    })
+}

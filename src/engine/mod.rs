@@ -1,0 +1,228 @@
+//! The engine: wires broker, ingest, device shards, the pipeline runner and the sinks
+//! together, and takes them down in order on shutdown so every open window and file is
+//! flushed.
+
+mod runner;
+pub mod window;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::arrow::record_batch::RecordBatch;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::decode::{DeadLetter, SourceShape};
+use crate::metrics::Metrics;
+use crate::mqtt::BrokerUrl;
+use crate::pipeline::CompiledPipeline;
+use crate::pipeline::parse::SinkKind;
+use crate::sink::commands::CommandPublisher;
+use crate::sink::parquet::{ParquetTable, RollPolicy};
+pub use runner::{DEAD_LETTERS, dead_letter_schema};
+
+/// What flows from the shards (and the topic router) to the pipeline runner.
+pub enum EngineEvent {
+    Rows {
+        source: usize,
+        batch: RecordBatch,
+    },
+    DeadLetters(Vec<DeadLetter>),
+    /// Everything sent before has been delivered: flush and answer.
+    Finish(oneshot::Sender<()>),
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// External broker; the embedded one on `listen` when absent.
+    pub broker: Option<BrokerUrl>,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub metrics_addr: SocketAddr,
+    pub client_id: String,
+    pub simulate: usize,
+    pub simulate_interval: Duration,
+    pub device_idle_timeout: Duration,
+    pub flush_interval: Duration,
+    pub roll: RollPolicy,
+    pub shards: usize,
+}
+
+/// Runs the pipeline until `stop` resolves, then shuts down cleanly.
+pub async fn run(
+    cfg: EngineConfig,
+    pipeline: CompiledPipeline,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let metrics = Metrics::new();
+    let (metrics_addr, metrics_task) =
+        crate::metrics::serve(cfg.metrics_addr, metrics.clone()).await?;
+    tracing::info!("metrics on http://{metrics_addr}/metrics");
+
+    let broker = match &cfg.broker {
+        Some(b) => b.clone(),
+        None => {
+            crate::broker::start(cfg.listen)?;
+            BrokerUrl::local(cfg.listen)
+        }
+    };
+
+    // Tables first: a data dir we cannot write is an error before anything is consumed.
+    let mut names: Vec<&str> = pipeline
+        .sources
+        .iter()
+        .map(|s| s.spec.name.as_str())
+        .collect();
+    names.extend(pipeline.sinks.iter().map(|s| s.spec.name.as_str()));
+    if names.contains(&DEAD_LETTERS) {
+        anyhow::bail!(
+            "`{DEAD_LETTERS}` is the engine's table of bad messages; name your table otherwise"
+        );
+    }
+    let raw = pipeline
+        .sources
+        .iter()
+        .map(|s| {
+            ParquetTable::open(
+                &cfg.data_dir,
+                &s.spec.name,
+                s.row_schema.clone(),
+                cfg.roll,
+                metrics.clone(),
+            )
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let sinks = pipeline
+        .sinks
+        .iter()
+        .map(|s| match s.spec.kind {
+            SinkKind::Parquet => ParquetTable::open(
+                &cfg.data_dir,
+                &s.spec.name,
+                s.schema.clone(),
+                cfg.roll,
+                metrics.clone(),
+            )
+            .map(Some),
+            SinkKind::Mqtt { .. } => Ok(None),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let dead_letters = ParquetTable::open(
+        &cfg.data_dir,
+        DEAD_LETTERS,
+        dead_letter_schema(),
+        cfg.roll,
+        metrics.clone(),
+    )?;
+    let tables = runner::Tables {
+        raw,
+        sinks,
+        dead_letters,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let has_commands = pipeline
+        .sinks
+        .iter()
+        .any(|s| matches!(s.spec.kind, SinkKind::Mqtt { .. }));
+    let (commands, commands_task) = if has_commands {
+        let (c, t) = CommandPublisher::start(
+            &broker,
+            &format!("{}-commands", cfg.client_id),
+            metrics.clone(),
+            stop_rx.clone(),
+        )?;
+        (Some(c), Some(t))
+    } else {
+        (None, None)
+    };
+
+    let shapes: Vec<Arc<SourceShape>> = pipeline
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(i, s)| Arc::new(SourceShape::new(i, s)))
+        .collect();
+    let qos: Vec<u8> = pipeline.sources.iter().map(|s| s.spec.qos).collect();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let shards = crate::device::start_shards(
+        cfg.shards.max(1),
+        shapes.clone(),
+        tx.clone(),
+        metrics.clone(),
+        cfg.device_idle_timeout,
+        cfg.flush_interval,
+    )?;
+
+    let sim_plan = crate::simulate::Plan::from_pipeline(&pipeline);
+    let runner = tokio::spawn(
+        runner::Runner::new(pipeline, tables, commands.clone(), metrics.clone()).run(rx),
+    );
+    let ingest = tokio::spawn(crate::ingest::run(
+        crate::ingest::IngestConfig {
+            broker: broker.clone(),
+            client_id: cfg.client_id.clone(),
+            sources: shapes,
+            qos,
+        },
+        shards.routers.clone(),
+        tx.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
+    let sim = if cfg.simulate > 0 {
+        Some(tokio::spawn(crate::simulate::run(
+            sim_plan,
+            broker.clone(),
+            cfg.simulate,
+            cfg.simulate_interval,
+            stop_rx.clone(),
+        )))
+    } else {
+        None
+    };
+    tracing::info!(broker = %broker, data_dir = %cfg.data_dir.display(), "fleetsql running; Ctrl-C to stop");
+
+    let mut ingest = ingest;
+    tokio::select! {
+        _ = stop => tracing::info!("stopping: flushing open windows and files"),
+        r = &mut ingest => {
+            // Ingest only ends on its own when it cannot run at all.
+            let _ = stop_tx.send(true);
+            return match r {
+                Ok(Ok(())) => Err(anyhow::anyhow!("ingest stopped unexpectedly")),
+                Ok(Err(e)) => Err(e),
+                Err(e) => Err(e.into()),
+            };
+        }
+    }
+
+    // Order matters: stop taking messages, push what the shards hold to the runner, let the
+    // runner close every window, then commit files and let the last commands go out.
+    let _ = stop_tx.send(true);
+    if let Some(sim) = sim {
+        let _ = sim.await;
+    }
+    match ingest.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("ingest: {e}"),
+        Err(e) => tracing::warn!("ingest task: {e}"),
+    }
+    shards.flush().await;
+    let (done_tx, done_rx) = oneshot::channel();
+    let _ = tx.send(EngineEvent::Finish(done_tx));
+    let _ = done_rx.await;
+    let tables = runner.await?;
+    tokio::task::spawn_blocking(move || tables.close()).await?;
+    if let Some(c) = &commands {
+        c.close().await;
+    }
+    if let Some(t) = commands_task {
+        let _ = t.await;
+    }
+    shards.stop();
+    metrics_task.abort();
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! MQTT in: one client subscribed to every source's topic filter. It decodes nothing: the
+//! poll task only timestamps messages; the router task matches topics to sources, finds the
+//! device id and hands batches to the shards.
+//!
+//! The two tasks are joined by a bounded channel: when the shards fall behind, the router
+//! waits, the channel fills, the poll task stops reading the socket, and the broker holds
+//! the backlog (QoS 1, persistent session) instead of this process's memory.
+
+use std::hash::{BuildHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{AsyncClient, Event, Packet, QoS};
+use tokio::sync::{mpsc, watch};
+
+use crate::decode::{DeadLetter, Message, SourceShape, reason};
+use crate::device::{Ingest, Reading, ShardRouter};
+use crate::engine::EngineEvent;
+use crate::metrics::Metrics;
+use crate::mqtt::BrokerUrl;
+
+pub struct IngestConfig {
+    pub broker: BrokerUrl,
+    pub client_id: String,
+    pub sources: Vec<Arc<SourceShape>>,
+    /// Subscription QoS per source.
+    pub qos: Vec<u8>,
+}
+
+/// Runs until `shutdown` turns true; then disconnects and returns once every message
+/// received has been handed to the shards.
+pub async fn run(
+    cfg: IngestConfig,
+    shards: Vec<actix::Addr<ShardRouter>>,
+    engine: mpsc::UnboundedSender<EngineEvent>,
+    metrics: Arc<Metrics>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut opts = cfg.broker.options(&cfg.client_id)?;
+    // A persistent session: while the engine is away the broker keeps its QoS 1 messages.
+    opts.set_clean_session(false);
+    opts.set_request_channel_capacity(1024);
+    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    let filters: Vec<(String, QoS)> = cfg
+        .sources
+        .iter()
+        .zip(&cfg.qos)
+        .map(|(s, q)| (s.topic.filter(), qos(*q)))
+        .collect();
+
+    let (tx, rx) = mpsc::channel::<Message>(16_384);
+    let router = tokio::spawn(route(
+        rx,
+        cfg.sources.clone(),
+        shards,
+        engine,
+        metrics.clone(),
+    ));
+
+    let connected = metrics.broker_connected.with_label_values(&["ingest"]);
+    let reconnects = metrics.broker_reconnects.with_label_values(&["ingest"]);
+    let mut backoff = Duration::from_millis(100);
+    let mut ever_connected = false;
+    loop {
+        let ev = tokio::select! {
+            ev = eventloop.poll() => ev,
+            _ = shutdown.changed() => break,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                let m = Message {
+                    topic: p.topic,
+                    payload: p.payload,
+                    received_at: crate::time::now_ms(),
+                };
+                if tx.send(m).await.is_err() {
+                    break;
+                }
+            }
+            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                connected.set(1);
+                if ever_connected {
+                    reconnects.inc();
+                }
+                ever_connected = true;
+                backoff = Duration::from_millis(100);
+                tracing::info!(broker = %cfg.broker, session_present = ack.session_present, "ingest connected");
+                if !ack.session_present {
+                    let subs = filters
+                        .iter()
+                        .map(|(f, q)| rumqttc::SubscribeFilter::new(f.clone(), *q));
+                    if let Err(e) = client.try_subscribe_many(subs) {
+                        tracing::error!("cannot subscribe: {e}");
+                    }
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                connected.set(0);
+                tracing::warn!(broker = %cfg.broker, "ingest connection: {e}; retrying in {backoff:?}");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {},
+                    _ = shutdown.changed() => break,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+    connected.set(0);
+    let _ = client.try_disconnect();
+    // Let the disconnect go out; the broker may already be gone.
+    let _ = tokio::time::timeout(Duration::from_millis(500), async {
+        while let Ok(ev) = eventloop.poll().await {
+            if matches!(ev, Event::Outgoing(rumqttc::Outgoing::Disconnect)) {
+                break;
+            }
+        }
+    })
+    .await;
+    drop(tx);
+    router.await?;
+    Ok(())
+}
+
+fn qos(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        2 => QoS::ExactlyOnce,
+        _ => QoS::AtLeastOnce,
+    }
+}
+
+/// Matches topics to sources and batches readings per shard: whatever is queued is taken
+/// at once (`recv_many`), so batches grow with load and latency stays low when idle.
+async fn route(
+    mut rx: mpsc::Receiver<Message>,
+    sources: Vec<Arc<SourceShape>>,
+    shards: Vec<actix::Addr<ShardRouter>>,
+    engine: mpsc::UnboundedSender<EngineEvent>,
+    metrics: Arc<Metrics>,
+) {
+    let hasher = std::collections::hash_map::RandomState::new();
+    let device_pos: Vec<usize> = sources
+        .iter()
+        .map(|s| {
+            s.topic
+                .captures()
+                .position(|c| c == crate::pipeline::parse::DEVICE_ID)
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut buf = Vec::with_capacity(4096);
+    loop {
+        if rx.recv_many(&mut buf, 4096).await == 0 {
+            return;
+        }
+        metrics.messages_received.inc_by(buf.len() as u64);
+        let mut per_shard: Vec<Vec<Reading>> = (0..shards.len()).map(|_| Vec::new()).collect();
+        let mut dead = Vec::new();
+        for m in buf.drain(..) {
+            let mut routed = None;
+            for (i, s) in sources.iter().enumerate() {
+                let mut caps: Vec<&str> = Vec::with_capacity(4);
+                if s.topic.match_into(&m.topic, &mut caps) {
+                    let id = caps[device_pos[i]];
+                    // The capture is a slice of the topic: keep its position, not a copy.
+                    let start = id.as_ptr() as usize - m.topic.as_ptr() as usize;
+                    routed = Some((i, start..start + id.len()));
+                    break;
+                }
+            }
+            match routed {
+                Some((source, device)) => {
+                    let mut h = hasher.build_hasher();
+                    m.topic[device.clone()].hash(&mut h);
+                    let shard = (h.finish() % shards.len() as u64) as usize;
+                    per_shard[shard].push(Reading {
+                        source,
+                        device,
+                        msg: m,
+                    });
+                }
+                None => dead.push(DeadLetter {
+                    source: None,
+                    error: format!("topic `{}` matches no source", m.topic),
+                    topic: m.topic,
+                    payload: m.payload,
+                    reason: reason::NO_SOURCE,
+                    received_at: m.received_at,
+                }),
+            }
+        }
+        if !dead.is_empty() {
+            let _ = engine.send(EngineEvent::DeadLetters(dead));
+        }
+        // `send` respects the shard's mailbox capacity: a slow shard slows this loop down.
+        let sends: Vec<_> = per_shard
+            .into_iter()
+            .enumerate()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(i, r)| shards[i].send(Ingest(r)))
+            .collect();
+        for r in futures::future::join_all(sends).await {
+            if let Err(e) = r {
+                tracing::error!("shard unavailable: {e}");
+            }
+        }
+    }
+}

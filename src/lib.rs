@@ -1,0 +1,32 @@
+//! fleetsql: a stream processing engine for fleets of IoT devices.
+//!
+//! The modules follow the data, in the order a telemetry message meets them:
+//!
+//! ```text
+//! MQTT broker (embedded `broker`, or an external one)
+//!   -> ingest      one MQTT client: subscribes to every source's topic filter and hands
+//!                  (topic, payload, received_at) on in batches; decodes nothing
+//!   -> device      shard routers (one per actix arbiter) and one actor per device id:
+//!                  presence and per-device state; rows are appended to shard-level buffers
+//!   -> decode      a shard's buffered JSON payloads -> one Arrow RecordBatch per source,
+//!                  bad messages isolated as dead letters
+//!   -> engine      the pipeline runner: micro-batches and tumbling windows per query,
+//!                  watermarks, the compiled DataFusion plans run over each closed window
+//!   -> sink        MQTT command publisher, rolling atomic Parquet tables
+//! metrics          one Prometheus registry, served over HTTP
+//! pipeline         the SQL file: parsed with sqlparser, checked and compiled with DataFusion
+//! simulate         simulated devices for zero-setup runs and tests
+//! ```
+
+pub mod broker;
+pub mod cli;
+pub mod decode;
+pub mod device;
+pub mod engine;
+pub mod ingest;
+pub mod metrics;
+pub mod mqtt;
+pub mod pipeline;
+pub mod simulate;
+pub mod sink;
+pub mod time;

@@ -1,0 +1,208 @@
+//! Prometheus metrics: one registry per engine, every series named `fleetsql_*`, served as
+//! text on `/metrics`. Labels are low-cardinality by design (source, query, sink, table,
+//! reason, client): never a device id, which would mean 100k series.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub messages_received: IntCounter,
+    pub decode_errors: IntCounterVec,
+    pub rows_ingested: IntCounterVec,
+    pub late_rows: IntCounterVec,
+    pub windows_closed: IntCounterVec,
+    pub query_duration: HistogramVec,
+    pub query_errors: IntCounterVec,
+    pub commands_published: IntCounterVec,
+    pub command_errors: IntCounterVec,
+    pub parquet_rows: IntCounterVec,
+    pub parquet_files: IntCounterVec,
+    pub parquet_bytes: IntCounterVec,
+    pub parquet_errors: IntCounterVec,
+    pub device_actors: IntGauge,
+    pub broker_connected: IntGaugeVec,
+    pub broker_reconnects: IntCounterVec,
+    pub window_close_latency: Histogram,
+}
+
+fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+impl Metrics {
+    pub fn new() -> Arc<Metrics> {
+        let r = Registry::new();
+        let messages_received = IntCounter::new(
+            "fleetsql_mqtt_messages_received_total",
+            "MQTT messages received on source topics",
+        )
+        .expect("valid metric");
+        r.register(Box::new(messages_received.clone()))
+            .expect("unique metric");
+        let device_actors =
+            IntGauge::new("fleetsql_device_actors", "Live device actors").expect("valid metric");
+        r.register(Box::new(device_actors.clone()))
+            .expect("unique metric");
+        let broker_connected = IntGaugeVec::new(
+            Opts::new(
+                "fleetsql_broker_connected",
+                "1 while the MQTT client is connected to the broker",
+            ),
+            &["client"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(broker_connected.clone()))
+            .expect("unique metric");
+        let buckets = vec![
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+        ];
+        let query_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "fleetsql_query_duration_seconds",
+                "Time to run a query over one window or micro-batch",
+            )
+            .buckets(buckets.clone()),
+            &["query"],
+        )
+        .expect("valid metric");
+        r.register(Box::new(query_duration.clone()))
+            .expect("unique metric");
+        let window_close_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "fleetsql_window_close_seconds",
+                "Time from a window's close to its results handed to the sinks",
+            )
+            .buckets(buckets),
+        )
+        .expect("valid metric");
+        r.register(Box::new(window_close_latency.clone()))
+            .expect("unique metric");
+        Arc::new(Metrics {
+            messages_received,
+            decode_errors: counter(
+                &r,
+                "fleetsql_decode_errors_total",
+                "Messages that could not become rows, kept as dead letters",
+                &["source", "reason"],
+            ),
+            rows_ingested: counter(
+                &r,
+                "fleetsql_rows_ingested_total",
+                "Rows decoded per source",
+                &["source"],
+            ),
+            late_rows: counter(
+                &r,
+                "fleetsql_late_rows_total",
+                "Rows that arrived after their window closed",
+                &["source"],
+            ),
+            windows_closed: counter(
+                &r,
+                "fleetsql_windows_closed_total",
+                "Windows closed and evaluated",
+                &["query"],
+            ),
+            query_errors: counter(
+                &r,
+                "fleetsql_query_errors_total",
+                "Query executions that failed",
+                &["query"],
+            ),
+            commands_published: counter(
+                &r,
+                "fleetsql_commands_published_total",
+                "Commands published to devices",
+                &["sink"],
+            ),
+            command_errors: counter(
+                &r,
+                "fleetsql_command_publish_errors_total",
+                "Command rows not published",
+                &["sink", "reason"],
+            ),
+            parquet_rows: counter(
+                &r,
+                "fleetsql_parquet_rows_written_total",
+                "Rows committed to Parquet files",
+                &["table"],
+            ),
+            parquet_files: counter(
+                &r,
+                "fleetsql_parquet_files_written_total",
+                "Parquet files committed",
+                &["table"],
+            ),
+            parquet_bytes: counter(
+                &r,
+                "fleetsql_parquet_bytes_written_total",
+                "Bytes of committed Parquet files",
+                &["table"],
+            ),
+            parquet_errors: counter(
+                &r,
+                "fleetsql_parquet_write_errors_total",
+                "Failed Parquet writes",
+                &["table"],
+            ),
+            broker_reconnects: counter(
+                &r,
+                "fleetsql_broker_reconnects_total",
+                "Reconnections to the MQTT broker after a lost connection",
+                &["client"],
+            ),
+            query_duration,
+            device_actors,
+            broker_connected,
+            window_close_latency,
+            registry: r,
+        })
+    }
+
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Serves `/metrics` until the returned task is aborted. Binds before returning, so a port
+/// in use is an error at start, not a warning later.
+pub async fn serve(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    use axum::{Router, http::header, routing::get};
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen for /metrics on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }));
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {e}");
+        }
+    });
+    Ok((local, task))
+}

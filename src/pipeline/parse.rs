@@ -1,0 +1,731 @@
+//! Reads pipeline files into a [`PipelineSpec`]: sources, sinks, views and queries.
+//!
+//! Everything is parsed by sqlparser (the parser DataFusion uses); this module only gives
+//! meaning to the statements. The language:
+//!
+//! ```sql
+//! CREATE TABLE telemetry (light DOUBLE NOT NULL)
+//!   WITH (connector = 'mqtt', type = 'source', topic = '{device_id}/telemetry');
+//! CREATE TABLE commands WITH (connector = 'mqtt', type = 'sink', topic = '{device_id}/commands');
+//! INSERT INTO commands SELECT device_id, light < 300 AS led_on FROM telemetry;
+//! ```
+//!
+//! Windows are table functions in `FROM`, as in RisingWave and Flink:
+//! `FROM TUMBLE(telemetry, event_time, INTERVAL '10 seconds')`, which adds `window_start`
+//! and `window_end` columns. Each is rewritten here to a per-query table that the engine
+//! fills with one closed window's rows at a time.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datafusion::sql::sqlparser::ast::{
+    ColumnDef, CreateTableOptions, Expr, FunctionArg, FunctionArgExpr, Ident, ObjectName, Query,
+    SqlOption, Statement, TableAlias, TableFactor, TableObject, Value, VisitMut, VisitorMut,
+};
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::parser::Parser;
+use datafusion::sql::sqlparser::tokenizer::Span;
+
+use super::diag::{Diagnostic, Diagnostics, Loc, SourceFile};
+use super::topic::TopicPattern;
+use crate::time::parse_duration;
+
+/// Columns the engine adds to every source row, beside the payload and topic captures.
+pub const EVENT_TIME: &str = "event_time";
+pub const RECEIVED_AT: &str = "received_at";
+pub const DEVICE_ID: &str = "device_id";
+pub const WINDOW_START: &str = "window_start";
+pub const WINDOW_END: &str = "window_end";
+
+#[derive(Debug, Clone)]
+pub struct PipelineSpec {
+    pub sources: Vec<SourceSpec>,
+    pub sinks: Vec<SinkSpec>,
+    pub views: Vec<ViewSpec>,
+    pub queries: Vec<QuerySpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    pub name: String,
+    pub topic: TopicPattern,
+    /// The declared JSON payload columns.
+    pub columns: Vec<ColumnDef>,
+    /// Payload field holding the event time; the receive time when absent.
+    pub event_time: Option<String>,
+    /// How far event time may run behind the newest reading before a window closes.
+    pub watermark_delay: Duration,
+    pub qos: u8,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkKind {
+    Mqtt {
+        topic: TopicPattern,
+        qos: u8,
+        retain: bool,
+    },
+    Parquet,
+}
+
+#[derive(Debug, Clone)]
+pub struct SinkSpec {
+    pub name: String,
+    pub kind: SinkKind,
+    /// Declared columns, checked against each query that inserts into the sink.
+    pub columns: Vec<ColumnDef>,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone)]
+pub struct ViewSpec {
+    pub name: String,
+    pub statement: Statement,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone)]
+pub struct QuerySpec {
+    /// `<sink>` or `<sink>#<n>` when several queries feed one sink; used in metrics.
+    pub name: String,
+    pub sink: String,
+    /// The SELECT, with any window function already rewritten to `window_table`.
+    pub query: Box<Query>,
+    pub window: Option<WindowSpec>,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone)]
+pub struct WindowSpec {
+    pub source: String,
+    pub size: Duration,
+    /// The table the engine registers for this query's closed windows.
+    pub table: String,
+    pub loc: Loc,
+}
+
+const SOURCE_OPTIONS: &[&str] = &[
+    "connector",
+    "type",
+    "topic",
+    "format",
+    "event_time",
+    "watermark_delay",
+    "qos",
+];
+const MQTT_SINK_OPTIONS: &[&str] = &["connector", "type", "topic", "qos", "retain"];
+const PARQUET_SINK_OPTIONS: &[&str] = &["connector", "type"];
+const CONNECTORS: &[&str] = &["mqtt", "parquet"];
+
+/// Parses one or more pipeline files into one pipeline; names are global across files.
+pub fn parse_files(files: &[Arc<SourceFile>]) -> Result<PipelineSpec, Diagnostics> {
+    let mut p = Parsed::default();
+    for file in files {
+        p.file(file);
+    }
+    p.finish()
+}
+
+#[derive(Default)]
+struct Parsed {
+    spec: Option<PipelineSpec>,
+    errors: Vec<Diagnostic>,
+    names: HashMap<String, Loc>,
+    query_count: HashMap<String, usize>,
+}
+
+impl Parsed {
+    fn spec(&mut self) -> &mut PipelineSpec {
+        self.spec.get_or_insert_with(|| PipelineSpec {
+            sources: vec![],
+            sinks: vec![],
+            views: vec![],
+            queries: vec![],
+        })
+    }
+
+    fn file(&mut self, file: &Arc<SourceFile>) {
+        self.spec();
+        let statements = match Parser::new(&GenericDialect {})
+            .try_with_sql(&file.text)
+            .and_then(|mut p| p.parse_statements())
+        {
+            Ok(s) => s,
+            Err(e) => {
+                self.errors.push(parser_error(file, &e.to_string()));
+                return;
+            }
+        };
+        if statements.is_empty() {
+            self.errors.push(
+                Loc {
+                    file: file.clone(),
+                    line: 0,
+                    column: 0,
+                }
+                .error("the pipeline file holds no statements"),
+            );
+        }
+        for stmt in statements {
+            let loc = Loc::at(file, statement_span(&stmt));
+            if let Err(e) = self.statement(file, stmt, loc) {
+                self.errors.push(e);
+            }
+        }
+    }
+
+    fn declare(&mut self, name: &str, loc: &Loc) -> Result<(), Diagnostic> {
+        if let Some(prev) = self.names.get(name) {
+            return Err(loc.error(format!(
+                "`{name}` is already defined at {}:{}:{}",
+                prev.file.path.display(),
+                prev.line,
+                prev.column
+            )));
+        }
+        self.names.insert(name.to_string(), loc.clone());
+        Ok(())
+    }
+
+    fn statement(
+        &mut self,
+        file: &Arc<SourceFile>,
+        stmt: Statement,
+        loc: Loc,
+    ) -> Result<(), Diagnostic> {
+        match stmt {
+            Statement::CreateTable(ct) => {
+                let name = object_name(&ct.name);
+                let loc = Loc::at(file, ident_span(&ct.name).unwrap_or(Span::empty())).or(&loc);
+                let options = match &ct.table_options {
+                    CreateTableOptions::With(o) | CreateTableOptions::Options(o) => o.clone(),
+                    CreateTableOptions::None => vec![],
+                    _ => return Err(loc.error("write the table's options as WITH (key = 'value', ...)")),
+                };
+                let mut opts = Options::new(file, &options, &loc)?;
+                let (connector, cloc) = opts.require("connector", CONNECTORS)?;
+                let kind = match connector.as_str() {
+                    "mqtt" => opts.require("type", &["source", "sink"])?.0,
+                    "parquet" => {
+                        if let Some((t, tloc)) = opts.take("type") {
+                            if t != "sink" {
+                                return Err(tloc.error("a parquet table is a sink: type = 'sink'"));
+                            }
+                        }
+                        "sink".to_string()
+                    }
+                    other => {
+                        return Err(cloc
+                            .error(format!("unknown connector `{other}`"))
+                            .with_help(format!("valid connectors: {}", CONNECTORS.join(", "))));
+                    }
+                };
+                self.declare(&name, &loc)?;
+                if kind == "source" {
+                    let source = self.source(name, ct.columns, opts, loc)?;
+                    self.spec().sources.push(source);
+                } else {
+                    let sink = sink(name, &connector, ct.columns, opts, loc)?;
+                    self.spec().sinks.push(sink);
+                }
+                Ok(())
+            }
+            Statement::CreateView(ref cv) => {
+                let name = object_name(&cv.name);
+                self.declare(&name, &loc)?;
+                if has_window(&cv.query) {
+                    return Err(loc.error("windows belong in the query that reads the view (INSERT INTO ... SELECT ... FROM TUMBLE(...)), not in a view"));
+                }
+                self.spec().views.push(ViewSpec { name, statement: stmt, loc });
+                Ok(())
+            }
+            Statement::Insert(ins) => {
+                let TableObject::TableName(target) = &ins.table else {
+                    return Err(loc.error("INSERT INTO needs a sink name"));
+                };
+                let sink = object_name(target);
+                let Some(mut query) = ins.source else {
+                    return Err(loc.error("INSERT INTO a sink takes a SELECT"));
+                };
+                let n = self.query_count.entry(sink.clone()).or_insert(0);
+                *n += 1;
+                let name = if *n == 1 { sink.clone() } else { format!("{sink}#{n}") };
+                let index = self.spec().queries.len();
+                let window = rewrite_windows(file, &mut query, index)?;
+                self.spec().queries.push(QuerySpec { name, sink, query, window, loc });
+                Ok(())
+            }
+            other => Err(loc.error(format!(
+                "unsupported statement `{}`: a pipeline holds CREATE TABLE (sources and sinks), CREATE VIEW and INSERT INTO",
+                first_words(&other.to_string())
+            ))),
+        }
+    }
+
+    fn source(
+        &mut self,
+        name: String,
+        columns: Vec<ColumnDef>,
+        mut opts: Options,
+        loc: Loc,
+    ) -> Result<SourceSpec, Diagnostic> {
+        let (topic_text, tloc) = opts.require_any("topic")?;
+        let topic = TopicPattern::parse(&topic_text).map_err(|e| tloc.error(e))?;
+        if !topic.captures().any(|c| c == DEVICE_ID) {
+            return Err(tloc
+                .error("a source topic must capture the device id")
+                .with_help("write e.g. topic = '{device_id}/telemetry'"));
+        }
+        if let Some((f, floc)) = opts.take("format") {
+            if f != "json" {
+                return Err(floc
+                    .error(format!("unknown format `{f}`"))
+                    .with_help("valid formats: json"));
+            }
+        }
+        let event_time = opts.take("event_time");
+        let watermark_delay = match opts.take("watermark_delay") {
+            Some((t, l)) => parse_duration(&t).map_err(|e| l.error(e))?,
+            None => Duration::from_secs(1),
+        };
+        let qos = qos(opts.take("qos"))?;
+        opts.finish(SOURCE_OPTIONS, "an mqtt source")?;
+
+        // Column names must not collide with what the engine adds.
+        let reserved: Vec<&str> = topic.captures().chain([EVENT_TIME, RECEIVED_AT]).collect();
+        for c in &columns {
+            if reserved.contains(&c.name.value.as_str()) {
+                return Err(Loc::at(&loc.file, c.name.span).or(&loc).error(format!(
+                    "column `{}` is added by the engine (from the topic or the clock); rename the payload field",
+                    c.name.value
+                )));
+            }
+        }
+        if columns.is_empty() {
+            return Err(loc.error(format!("source `{name}` declares no payload columns"))
+                .with_help("declare the JSON fields, e.g. CREATE TABLE telemetry (light DOUBLE) WITH (...)"));
+        }
+        let event_time = match event_time {
+            None => None,
+            Some((field, floc)) => {
+                if !columns.iter().any(|c| c.name.value == field) {
+                    return Err(floc.error(format!(
+                        "event_time field `{field}` is not a declared column"
+                    )));
+                }
+                Some(field)
+            }
+        };
+        Ok(SourceSpec {
+            name,
+            topic,
+            columns,
+            event_time,
+            watermark_delay,
+            qos,
+            loc,
+        })
+    }
+
+    fn finish(self) -> Result<PipelineSpec, Diagnostics> {
+        let mut errors = self.errors;
+        let spec = self.spec.unwrap_or(PipelineSpec {
+            sources: vec![],
+            sinks: vec![],
+            views: vec![],
+            queries: vec![],
+        });
+        // Cross-statement checks.
+        for q in &spec.queries {
+            if !spec.sinks.iter().any(|s| s.name == q.sink) {
+                let what = if spec.sources.iter().any(|s| s.name == q.sink) {
+                    format!("`{}` is a source; INSERT INTO a sink", q.sink)
+                } else {
+                    format!("unknown sink `{}`", q.sink)
+                };
+                errors.push(q.loc.error(what).with_help("declare it with CREATE TABLE ... WITH (connector = 'mqtt', type = 'sink', ...) or (connector = 'parquet')"));
+            }
+            if let Some(w) = &q.window {
+                if !spec.sources.iter().any(|s| s.name == w.source) {
+                    errors.push(w.loc.error(format!(
+                        "`{}` is not a source: windows run over sources",
+                        w.source
+                    )));
+                }
+            }
+        }
+        if errors.is_empty() && spec.sources.is_empty() {
+            errors.push(Diagnostic::global("the pipeline declares no source (CREATE TABLE ... WITH (connector = 'mqtt', type = 'source', ...))"));
+        }
+        if errors.is_empty() {
+            Ok(spec)
+        } else {
+            Err(Diagnostics(errors))
+        }
+    }
+}
+
+fn sink(
+    name: String,
+    connector: &str,
+    columns: Vec<ColumnDef>,
+    mut opts: Options,
+    loc: Loc,
+) -> Result<SinkSpec, Diagnostic> {
+    let kind = match connector {
+        "mqtt" => {
+            let (t, tloc) = opts.require_any("topic")?;
+            let topic = TopicPattern::parse(&t).map_err(|e| tloc.error(e))?;
+            if topic.has_wildcards() {
+                return Err(tloc.error("a sink topic cannot hold `+` or `#`: fill its levels from columns with `{column}`"));
+            }
+            let qos = qos(opts.take("qos"))?;
+            let retain = match opts.take("retain") {
+                None => false,
+                Some((v, l)) => parse_bool(&v)
+                    .ok_or_else(|| l.error(format!("retain must be true or false, not `{v}`")))?,
+            };
+            opts.finish(MQTT_SINK_OPTIONS, "an mqtt sink")?;
+            SinkKind::Mqtt { topic, qos, retain }
+        }
+        _ => {
+            opts.finish(PARQUET_SINK_OPTIONS, "a parquet sink")?;
+            SinkKind::Parquet
+        }
+    };
+    Ok(SinkSpec {
+        name,
+        kind,
+        columns,
+        loc,
+    })
+}
+
+fn qos(v: Option<(String, Loc)>) -> Result<u8, Diagnostic> {
+    match v {
+        None => Ok(1),
+        Some((v, l)) => match v.as_str() {
+            "0" => Ok(0),
+            "1" => Ok(1),
+            "2" => Ok(2),
+            _ => Err(l.error(format!("qos must be 0, 1 or 2, not `{v}`"))),
+        },
+    }
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.to_ascii_lowercase().as_str() {
+        "true" => Some(true),
+        "false" => Some(false),
+        _ => None,
+    }
+}
+
+/// A table's `WITH (...)` options, consumed one by one so leftovers can be reported.
+struct Options {
+    items: Vec<(String, String, Loc)>,
+    table: Loc,
+}
+
+impl Options {
+    fn new(
+        file: &Arc<SourceFile>,
+        options: &[SqlOption],
+        table: &Loc,
+    ) -> Result<Options, Diagnostic> {
+        let mut items = Vec::new();
+        for o in options {
+            let SqlOption::KeyValue { key, value } = o else {
+                return Err(table.error(format!("option `{o}` is not of the form key = 'value'")));
+            };
+            let loc = Loc::at(file, key.span).or(table);
+            let text = match value {
+                Expr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) | Value::DoubleQuotedString(s) => s.clone(),
+                    Value::Number(n, _) => n.clone(),
+                    Value::Boolean(b) => b.to_string(),
+                    other => {
+                        return Err(loc.error(format!(
+                            "option `{}`: unsupported value `{other}`",
+                            key.value
+                        )));
+                    }
+                },
+                Expr::Identifier(i) => i.value.clone(),
+                other => {
+                    return Err(loc.error(format!(
+                        "option `{}`: write the value as a string, not `{other}`",
+                        key.value
+                    )));
+                }
+            };
+            let k = key.value.to_ascii_lowercase();
+            if items.iter().any(|(k2, _, _)| *k2 == k) {
+                return Err(loc.error(format!("option `{k}` is given twice")));
+            }
+            items.push((k, text, loc));
+        }
+        Ok(Options {
+            items,
+            table: table.clone(),
+        })
+    }
+
+    fn take(&mut self, key: &str) -> Option<(String, Loc)> {
+        let i = self.items.iter().position(|(k, _, _)| k == key)?;
+        let (_, v, l) = self.items.remove(i);
+        Some((v, l))
+    }
+
+    fn require_any(&mut self, key: &str) -> Result<(String, Loc), Diagnostic> {
+        self.take(key)
+            .ok_or_else(|| self.table.error(format!("missing option `{key}`")))
+    }
+
+    fn require(&mut self, key: &str, valid: &[&str]) -> Result<(String, Loc), Diagnostic> {
+        let Some((v, l)) = self.take(key) else {
+            return Err(self
+                .table
+                .error(format!("missing option `{key}`"))
+                .with_help(format!("{key} is one of: {}", valid.join(", "))));
+        };
+        let lower = v.to_ascii_lowercase();
+        if !valid.contains(&lower.as_str()) {
+            return Err(l
+                .error(format!("unknown {key} `{v}`"))
+                .with_help(format!("valid values: {}", valid.join(", "))));
+        }
+        Ok((lower, l))
+    }
+
+    fn finish(self, valid: &[&str], what: &str) -> Result<(), Diagnostic> {
+        match self.items.into_iter().next() {
+            None => Ok(()),
+            Some((k, _, l)) => Err(l
+                .error(format!("unknown option `{k}` for {what}"))
+                .with_help(format!("valid options: {}", valid.join(", ")))),
+        }
+    }
+}
+
+impl Loc {
+    /// This location, or `other` when this one is empty (sqlparser gave no span).
+    fn or(self, other: &Loc) -> Loc {
+        if self.line == 0 { other.clone() } else { self }
+    }
+}
+
+fn object_name(n: &ObjectName) -> String {
+    n.0.iter()
+        .map(|p| p.to_string())
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn ident_span(n: &ObjectName) -> Option<Span> {
+    n.0.first().and_then(|p| p.as_ident()).map(|i| i.span)
+}
+
+fn statement_span(stmt: &Statement) -> Span {
+    use datafusion::sql::sqlparser::ast::Spanned;
+    stmt.span()
+}
+
+fn first_words(s: &str) -> String {
+    s.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+/// sqlparser reports its position only inside the message ("... at Line: 3, Column: 7").
+fn parser_error(file: &Arc<SourceFile>, message: &str) -> Diagnostic {
+    let (msg, line, column) = match message.rsplit_once(" at Line: ") {
+        Some((m, rest)) => {
+            let mut it = rest.split(", Column: ");
+            let line = it.next().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+            let col = it.next().and_then(|c| c.trim().parse().ok()).unwrap_or(0);
+            (m.to_string(), line, col)
+        }
+        None => (message.to_string(), 0, 0),
+    };
+    let msg = msg.trim_start_matches("sql parser error: ").to_string();
+    Loc {
+        file: file.clone(),
+        line,
+        column,
+    }
+    .error(format!("syntax error: {msg}"))
+}
+
+fn is_window_fn(name: &ObjectName) -> bool {
+    matches!(object_name(name).to_ascii_lowercase().as_str(), "tumble")
+}
+
+fn has_window(q: &Query) -> bool {
+    let mut q = q.clone();
+    struct Finder(bool);
+    impl VisitorMut for Finder {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, t: &mut TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Table {
+                name,
+                args: Some(_),
+                ..
+            } = t
+            {
+                if is_window_fn(name) {
+                    self.0 = true;
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    let mut f = Finder(false);
+    let _ = q.visit(&mut f);
+    f.0
+}
+
+/// Finds `TUMBLE(source, [event_time,] INTERVAL '...')` in the query's FROM clauses and
+/// replaces it with the query's window table, aliased as the source so `telemetry.light`
+/// keeps working.
+fn rewrite_windows(
+    file: &Arc<SourceFile>,
+    query: &mut Query,
+    index: usize,
+) -> Result<Option<WindowSpec>, Diagnostic> {
+    struct Rewriter<'a> {
+        file: &'a Arc<SourceFile>,
+        table: String,
+        found: Option<WindowSpec>,
+        error: Option<Diagnostic>,
+    }
+    impl VisitorMut for Rewriter<'_> {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, t: &mut TableFactor) -> ControlFlow<()> {
+            let TableFactor::Table {
+                name,
+                args: Some(args),
+                alias,
+                ..
+            } = t
+            else {
+                return ControlFlow::Continue(());
+            };
+            if !is_window_fn(name) {
+                return ControlFlow::Continue(());
+            }
+            let loc = Loc::at(self.file, ident_span(name).unwrap_or(Span::empty()));
+            if self.found.is_some() {
+                self.error = Some(loc.error(
+                    "one window per query: join windowed streams in separate queries for now",
+                ));
+                return ControlFlow::Break(());
+            }
+            match window_args(&args.args, &loc) {
+                Ok((source, size)) => {
+                    if alias.is_none() {
+                        *alias = Some(TableAlias {
+                            explicit: true,
+                            name: Ident::new(&source),
+                            columns: vec![],
+                            at: None,
+                        });
+                    }
+                    *name = ObjectName::from(vec![Ident::new(&self.table)]);
+                    self.found = Some(WindowSpec {
+                        source,
+                        size,
+                        table: self.table.clone(),
+                        loc,
+                    });
+                    // The rewritten factor takes no arguments.
+                    if let TableFactor::Table { args, .. } = t {
+                        *args = None;
+                    }
+                    ControlFlow::Continue(())
+                }
+                Err(e) => {
+                    self.error = Some(e);
+                    ControlFlow::Break(())
+                }
+            }
+        }
+    }
+    let mut r = Rewriter {
+        file,
+        table: format!("__window_{index}"),
+        found: None,
+        error: None,
+    };
+    let _ = query.visit(&mut r);
+    match r.error {
+        Some(e) => Err(e),
+        None => Ok(r.found),
+    }
+}
+
+fn window_args(args: &[FunctionArg], loc: &Loc) -> Result<(String, Duration), Diagnostic> {
+    let usage = "write TUMBLE(source, event_time, INTERVAL '10 seconds')";
+    let exprs: Vec<&Expr> = args
+        .iter()
+        .map(|a| match a {
+            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Ok(e),
+            _ => Err(loc.error("TUMBLE takes plain arguments").with_help(usage)),
+        })
+        .collect::<Result<_, _>>()?;
+    let (source, time, size) = match exprs.as_slice() {
+        [s, size] => (*s, None, *size),
+        [s, t, size] => (*s, Some(*t), *size),
+        _ => {
+            return Err(loc
+                .error("TUMBLE takes a source, its time column and a size")
+                .with_help(usage));
+        }
+    };
+    let Expr::Identifier(source) = source else {
+        return Err(loc
+            .error(format!(
+                "TUMBLE's first argument must name a source, not `{source}`"
+            ))
+            .with_help(usage));
+    };
+    if let Some(t) = time {
+        let ok = matches!(t, Expr::Identifier(i) if i.value == EVENT_TIME);
+        if !ok {
+            return Err(loc
+                .error(format!("windows run on the source's `{EVENT_TIME}` column, not `{t}`"))
+                .with_help("declare which payload field is the event time with the source option event_time = '<field>'"));
+        }
+    }
+    let text = match size {
+        Expr::Interval(iv) => {
+            let v = match iv.value.as_ref() {
+                Expr::Value(v) => match &v.value {
+                    Value::SingleQuotedString(s) => s.clone(),
+                    Value::Number(n, _) => n.clone(),
+                    other => other.to_string(),
+                },
+                other => other.to_string(),
+            };
+            match &iv.leading_field {
+                Some(f) => format!("{v} {f}"),
+                None => v,
+            }
+        }
+        Expr::Value(v) => match &v.value {
+            Value::SingleQuotedString(s) => s.clone(),
+            other => other.to_string(),
+        },
+        other => {
+            return Err(loc
+                .error(format!("window size must be an INTERVAL, not `{other}`"))
+                .with_help(usage));
+        }
+    };
+    let size = parse_duration(&text).map_err(|e| loc.error(e))?;
+    if size < Duration::from_millis(10) {
+        return Err(loc.error("a window must be at least 10 milliseconds long"));
+    }
+    Ok((source.value.clone(), size))
+}
