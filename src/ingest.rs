@@ -78,7 +78,11 @@ pub async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                connected.set(1);
+                // Connected means subscribed: with a session already present right away,
+                // otherwise once the broker acknowledges the subscriptions.
+                if ack.session_present {
+                    connected.set(1);
+                }
                 if ever_connected {
                     reconnects.inc();
                 }
@@ -94,6 +98,7 @@ pub async fn run(
                     }
                 }
             }
+            Ok(Event::Incoming(Packet::SubAck(_))) => connected.set(1),
             Ok(_) => {}
             Err(e) => {
                 connected.set(0);

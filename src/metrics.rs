@@ -167,6 +167,62 @@ impl Metrics {
         })
     }
 
+    /// Creates every labelled series at zero, so dashboards and alerts see 0 rather than
+    /// no data before the first event.
+    pub fn init_series(&self, p: &crate::pipeline::CompiledPipeline) {
+        use crate::decode::reason;
+        for s in &p.sources {
+            let n = s.spec.name.as_str();
+            self.rows_ingested.with_label_values(&[n]);
+            self.late_rows.with_label_values(&[n]);
+            self.parquet_rows.with_label_values(&[n]);
+            self.parquet_files.with_label_values(&[n]);
+            self.parquet_bytes.with_label_values(&[n]);
+            self.parquet_errors.with_label_values(&[n]);
+            for r in [
+                reason::INVALID_JSON,
+                reason::NOT_ONE_OBJECT,
+                reason::SCHEMA_MISMATCH,
+                reason::BAD_EVENT_TIME,
+            ] {
+                self.decode_errors.with_label_values(&[n, r]);
+            }
+        }
+        self.decode_errors
+            .with_label_values(&["", reason::NO_SOURCE]);
+        for q in &p.queries {
+            let n = q.spec.name.as_str();
+            self.windows_closed.with_label_values(&[n]);
+            self.query_errors.with_label_values(&[n]);
+            self.query_duration.with_label_values(&[n]);
+        }
+        for s in &p.sinks {
+            let n = s.spec.name.as_str();
+            match s.spec.kind {
+                crate::pipeline::parse::SinkKind::Mqtt { .. } => {
+                    self.commands_published.with_label_values(&[n]);
+                    for r in ["encode", "publish", "bad_topic"] {
+                        self.command_errors.with_label_values(&[n, r]);
+                    }
+                }
+                crate::pipeline::parse::SinkKind::Parquet => {
+                    self.parquet_rows.with_label_values(&[n]);
+                    self.parquet_files.with_label_values(&[n]);
+                    self.parquet_bytes.with_label_values(&[n]);
+                    self.parquet_errors.with_label_values(&[n]);
+                }
+            }
+        }
+        for t in [crate::engine::DEAD_LETTERS] {
+            self.parquet_rows.with_label_values(&[t]);
+            self.parquet_files.with_label_values(&[t]);
+        }
+        for c in ["ingest", "commands"] {
+            self.broker_connected.with_label_values(&[c]);
+            self.broker_reconnects.with_label_values(&[c]);
+        }
+    }
+
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

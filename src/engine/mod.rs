@@ -56,6 +56,7 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let metrics = Metrics::new();
+    metrics.init_series(&pipeline);
     let (metrics_addr, metrics_task) =
         crate::metrics::serve(cfg.metrics_addr, metrics.clone()).await?;
     tracing::info!("metrics on http://{metrics_addr}/metrics");

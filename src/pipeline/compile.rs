@@ -385,15 +385,22 @@ async fn compile_query(
     };
     let stmt = DfStatement::Statement(Box::new(Statement::Query(q.query.clone())));
     let state = ctx.state();
-    let logical = state
-        .statement_to_plan(stmt)
-        .await
-        .map_err(|e| df_error(&q.loc, &e))?;
-    let logical = state.optimize(&logical).map_err(|e| df_error(&q.loc, &e))?;
+    let located = |e: DataFusionError| {
+        let mut d = df_error(&q.loc, &e);
+        if d.line == q.loc.line && d.column == q.loc.column {
+            if let Some(span) = unknown_column_span(&q.query, &d.message) {
+                d.line = span.start.line;
+                d.column = span.start.column;
+            }
+        }
+        d
+    };
+    let logical = state.statement_to_plan(stmt).await.map_err(located)?;
+    let logical = state.optimize(&logical).map_err(located)?;
     let plan = state
         .create_physical_plan(&logical)
         .await
-        .map_err(|e| df_error(&q.loc, &e))?;
+        .map_err(located)?;
 
     let mut scanned = Vec::new();
     use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
@@ -516,6 +523,39 @@ fn df_error(loc: &Loc, e: &DataFusionError) -> Diagnostic {
         }
     }
     loc.error(message)
+}
+
+/// DataFusion names an unknown column without its place on some planning paths; the
+/// sqlparser AST knows where every identifier is.
+fn unknown_column_span(
+    query: &datafusion::sql::sqlparser::ast::Query,
+    message: &str,
+) -> Option<datafusion::sql::sqlparser::tokenizer::Span> {
+    use datafusion::sql::sqlparser::ast::{Expr, visit_expressions};
+    use std::ops::ControlFlow;
+    let rest = message.split("No field named ").nth(1)?;
+    let name = rest.split(['.', ' ']).next()?.trim_matches('"');
+    let name = rest
+        .strip_prefix('"')
+        .and_then(|r| r.split('"').next())
+        .map(|q| q.rsplit('.').next().unwrap_or(q))
+        .unwrap_or(name);
+    let mut found = None;
+    let _ = visit_expressions(query, |e| {
+        let ident = match e {
+            Expr::Identifier(i) => Some(i),
+            Expr::CompoundIdentifier(parts) => parts.last(),
+            _ => None,
+        };
+        match ident {
+            Some(i) if i.value.eq_ignore_ascii_case(name) => {
+                found = Some(i.span);
+                ControlFlow::Break(())
+            }
+            _ => ControlFlow::Continue(()),
+        }
+    });
+    found.filter(|s| s.start.line > 0)
 }
 
 fn clean_message(m: &str) -> String {

@@ -1,1 +1,11 @@
+//! The integration tests: one binary, so DataFusion links once. They run the real
+//! `fleetsql` binary against a real `mosquitto` started on a free loopback port and against
+//! the embedded broker, talk MQTT with mosquitto's own clients, scrape `/metrics`, and read
+//! the Parquet output back with DataFusion.
 
+mod cli;
+mod decode;
+mod end_to_end;
+mod pipeline;
+mod util;
+mod window;

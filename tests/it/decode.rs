@@ -1,0 +1,135 @@
+//! JSON -> Arrow: bad messages become dead letters and cost nothing around them.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{Array, Float64Array, StringArray, TimestampMillisecondArray};
+use fleetsql::decode::{Message, SourceDecoder, SourceShape};
+
+use crate::util::*;
+
+fn shape(columns: &str, options: &str) -> Arc<SourceShape> {
+    let dir = tempfile::tempdir().unwrap();
+    let p = write_pipeline(
+        dir.path(),
+        "p.sql",
+        &format!(
+            "CREATE TABLE s ({columns}) WITH (connector = 'mqtt', type = 'source', topic = 'site/{{site}}/{{device_id}}/t'{options});\n\
+             CREATE TABLE o WITH (connector = 'parquet');\nINSERT INTO o SELECT * FROM s;\n"
+        ),
+    );
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let compiled = rt
+        .block_on(fleetsql::pipeline::load(&[p]))
+        .unwrap_or_else(|e| panic!("{e}"));
+    Arc::new(SourceShape::new(0, &compiled.sources[0]))
+}
+
+fn msg(topic: &str, payload: &str, at: i64) -> Message {
+    Message {
+        topic: topic.into(),
+        payload: payload.as_bytes().to_vec().into(),
+        received_at: at,
+    }
+}
+
+#[test]
+fn bad_messages_are_isolated_with_reasons() {
+    let mut d = SourceDecoder::new(shape("light DOUBLE NOT NULL", "")).unwrap();
+    let payloads = [
+        ("{\"light\": 1}", None),
+        ("not json", Some("invalid_json")),
+        ("{\"light\": 2.5, \"extra\": true}", None),
+        ("{\"light\": \"dark\"}", Some("schema_mismatch")),
+        ("{\"light\": 3}{\"light\": 4}", Some("not_one_object")),
+        ("", Some("not_one_object")),
+        ("{\"light\": ", Some("invalid_json")),
+        ("{}", Some("schema_mismatch")),
+        ("[1, 2]", Some("schema_mismatch")),
+        ("{\"light\": 5}", None),
+    ];
+    for (i, (p, _)) in payloads.iter().enumerate() {
+        d.push(msg("site/north/dev-1/t", p, 1_000 + i as i64));
+    }
+    let (batch, dead) = d.flush();
+    let batch = batch.expect("good rows");
+    let light = batch
+        .column_by_name("light")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap();
+    assert_eq!(light.values().to_vec(), vec![1.0, 2.5, 5.0]);
+    let site = batch
+        .column_by_name("site")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    assert_eq!(site.value(0), "north");
+    let dev = batch
+        .column_by_name("device_id")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    assert_eq!(dev.value(2), "dev-1");
+    let mut got: Vec<(String, &str)> = dead
+        .iter()
+        .map(|d| (String::from_utf8_lossy(&d.payload).into_owned(), d.reason))
+        .collect();
+    got.sort();
+    let mut want: Vec<(String, &str)> = payloads
+        .iter()
+        .filter_map(|(p, r)| r.map(|r| (p.to_string(), r)))
+        .collect();
+    want.sort();
+    assert_eq!(got, want);
+    // The decoder recovers: the next flush of good rows takes the fast path.
+    d.push(msg("site/north/dev-1/t", "{\"light\": 7}", 2_000));
+    let (b, dead) = d.flush();
+    assert_eq!(b.unwrap().num_rows(), 1);
+    assert!(dead.is_empty());
+}
+
+#[test]
+fn event_time_from_rfc3339_epoch_seconds_and_millis() {
+    let mut d = SourceDecoder::new(shape("v DOUBLE, ts BIGINT", ", event_time = 'ts'")).unwrap();
+    d.push(msg("site/a/d/t", "{\"v\": 1, \"ts\": 1700000000}", 5));
+    d.push(msg("site/a/d/t", "{\"v\": 2, \"ts\": 1700000000123}", 6));
+    d.push(msg("site/a/d/t", "{\"v\": 3}", 7));
+    let (b, dead) = d.flush();
+    assert!(dead.is_empty(), "{dead:?}");
+    let b = b.unwrap();
+    let et = b
+        .column_by_name("event_time")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .unwrap();
+    assert_eq!(
+        et.values().to_vec(),
+        vec![1_700_000_000_000, 1_700_000_000_123, 7],
+        "seconds, millis, receive time when absent"
+    );
+
+    let mut d = SourceDecoder::new(shape("v DOUBLE, ts TIMESTAMP", ", event_time = 'ts'")).unwrap();
+    d.push(msg(
+        "site/a/d/t",
+        "{\"v\": 1, \"ts\": \"2026-11-22T10:00:00.250Z\"}",
+        5,
+    ));
+    d.push(msg("site/a/d/t", "{\"v\": 2, \"ts\": \"yesterday\"}", 6));
+    let (b, dead) = d.flush();
+    let et = b
+        .as_ref()
+        .unwrap()
+        .column_by_name("event_time")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .unwrap()
+        .clone();
+    assert_eq!(et.len(), 1);
+    assert_eq!(et.value(0), 1_795_341_600_250);
+    assert_eq!(dead.len(), 1, "an unparseable time is a dead letter");
+}
