@@ -73,6 +73,7 @@ pub mod reason {
     pub const SCHEMA_MISMATCH: &str = "schema_mismatch";
     pub const BAD_EVENT_TIME: &str = "bad_event_time";
     pub const NO_SOURCE: &str = "no_matching_source";
+    pub const TOO_LARGE: &str = "payload_too_large";
 }
 
 /// Buffers one source's messages in one shard and turns them into rows.

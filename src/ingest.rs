@@ -19,6 +19,10 @@ use crate::engine::EngineEvent;
 use crate::metrics::Metrics;
 use crate::mqtt::BrokerUrl;
 
+/// Payloads above this many bytes are dead letters, not rows: one reading is small, and a
+/// runaway device must not fill the engine's memory.
+pub const MAX_PAYLOAD: usize = 1 << 20;
+
 pub struct IngestConfig {
     pub broker: BrokerUrl,
     pub client_id: String,
@@ -163,6 +167,20 @@ async fn route(
         let mut per_shard: Vec<Vec<Reading>> = (0..shards.len()).map(|_| Vec::new()).collect();
         let mut dead = Vec::new();
         for m in buf.drain(..) {
+            if m.payload.len() > MAX_PAYLOAD {
+                dead.push(DeadLetter {
+                    source: None,
+                    error: format!(
+                        "payload of {} bytes exceeds {MAX_PAYLOAD}; its first 1 KiB is kept",
+                        m.payload.len()
+                    ),
+                    topic: m.topic,
+                    payload: m.payload.slice(..1024),
+                    reason: reason::TOO_LARGE,
+                    received_at: m.received_at,
+                });
+                continue;
+            }
             let mut routed = None;
             for (i, s) in sources.iter().enumerate() {
                 let mut caps: Vec<&str> = Vec::with_capacity(4);

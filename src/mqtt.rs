@@ -65,8 +65,10 @@ impl BrokerUrl {
     pub fn options(&self, client_id: &str) -> anyhow::Result<MqttOptions> {
         let mut o = MqttOptions::new(client_id, &self.host, self.port);
         o.set_keep_alive(Duration::from_secs(15));
-        // The default 10 KiB would turn a batch of readings into a protocol error.
-        o.set_max_packet_size(1 << 20, 1 << 20);
+        // rumqttc drops the connection on a packet over its limit, and a persistent session
+        // would redeliver it forever; take what the broker sends and let the engine turn
+        // oversized payloads into dead letters (see `ingest::MAX_PAYLOAD`).
+        o.set_max_packet_size(256 << 20, 1 << 20);
         if self.tls {
             let _ = rustls::crypto::ring::default_provider().install_default();
             let tls = match &self.ca_file {

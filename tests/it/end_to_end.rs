@@ -310,5 +310,46 @@ fn idle_actors_retire_and_broker_restart_resumes() {
         sub.lines.lock().unwrap()[0].1,
         "idle-0/commands {\"led_on\":false}"
     );
+
+    // A 2 MiB payload is a dead letter, not a dropped connection; the next reading goes through.
+    let big = data.path().join("big.json");
+    std::fs::write(
+        &big,
+        format!("{{\"light\": 1, \"pad\": \"{}\"}}", "x".repeat(2 << 20)),
+    )
+    .unwrap();
+    let st = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-q",
+            "1",
+            "-t",
+            "idle-1/telemetry",
+            "-f",
+        ])
+        .arg(&big)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    publish(
+        port,
+        &[("idle-1/telemetry".into(), "{\"light\": 5}".into())],
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the reading after the oversized one",
+        || sub.count() >= 2,
+    );
+    assert_eq!(
+        sub.lines.lock().unwrap()[1].1,
+        "idle-1/commands {\"led_on\":true}"
+    );
+    assert_eq!(
+        engine.metric("fleetsql_decode_errors_total{reason=\"payload_too_large\",source=\"\"}"),
+        Some(1.0)
+    );
     assert_eq!(engine.terminate(), 0);
 }
