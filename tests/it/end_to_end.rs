@@ -353,3 +353,95 @@ fn idle_actors_retire_and_broker_restart_resumes() {
     );
     assert_eq!(engine.terminate(), 0);
 }
+
+/// `mqtts://` with a private CA: mosquitto with a TLS listener, certificates made by openssl.
+#[test]
+fn tls_broker_with_private_ca() {
+    if !have("mosquitto", "tls_broker_with_private_ca")
+        || !have("openssl", "tls_broker_with_private_ca")
+    {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let sh = |cmd: &str| {
+        let out = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .current_dir(d)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    sh(
+        "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=test-ca -keyout ca.key -out ca.crt",
+    );
+    sh(
+        "openssl req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout server.key -out server.csr",
+    );
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    sh(
+        "openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 1 -extfile san.ext -out server.crt",
+    );
+    let port = free_port();
+    std::fs::write(
+        d.join("m.conf"),
+        format!(
+            "listener {port} 127.0.0.1\nuser root\nallow_anonymous true\ncafile {0}/ca.crt\ncertfile {0}/server.crt\nkeyfile {0}/server.key\n",
+            d.display()
+        ),
+    )
+    .unwrap();
+    let _broker = Proc(Some(
+        std::process::Command::new("mosquitto")
+            .arg("-c")
+            .arg(d.join("m.conf"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    ));
+    wait_until(Duration::from_secs(10), "TLS listener", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let data = tempfile::tempdir().unwrap();
+    let ca = d.join("ca.crt").display().to_string();
+    let engine = Engine::start(
+        data.path(),
+        &[
+            &nightlight(),
+            "--broker",
+            &format!("mqtts://127.0.0.1:{port}"),
+            "--ca-file",
+            &ca,
+            "--client-id",
+            &format!("it-tls-{port}"),
+        ],
+    );
+    let st = std::process::Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "--cafile",
+            &ca,
+            "-q",
+            "1",
+            "-t",
+            "tls-0/telemetry",
+            "-m",
+            "{\"light\": 100}",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_until(Duration::from_secs(10), "a command over TLS", || {
+        engine.metric("fleetsql_commands_published_total{sink=\"commands\"}") == Some(1.0)
+    });
+    assert_eq!(engine.terminate(), 0);
+}
