@@ -318,18 +318,8 @@ fn idle_actors_retire_and_broker_restart_resumes() {
         format!("{{\"light\": 1, \"pad\": \"{}\"}}", "x".repeat(2 << 20)),
     )
     .unwrap();
-    let st = std::process::Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-q",
-            "1",
-            "-t",
-            "idle-1/telemetry",
-            "-f",
-        ])
+    let st = mosquitto_pub(port)
+        .args(["-t", "idle-1/telemetry", "-f"])
         .arg(&big)
         .status()
         .unwrap();
@@ -422,16 +412,10 @@ fn tls_broker_with_private_ca() {
             &format!("it-tls-{port}"),
         ],
     );
-    let st = std::process::Command::new("mosquitto_pub")
+    let st = mosquitto_pub(port)
         .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
             "--cafile",
             &ca,
-            "-q",
-            "1",
             "-t",
             "tls-0/telemetry",
             "-m",

@@ -258,17 +258,8 @@ impl Subscriber {
         };
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            let _ = Command::new("mosquitto_pub")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port.to_string(),
-                    "-t",
-                    probe_topic,
-                    "-m",
-                    "probe",
-                ])
+            let _ = mosquitto_pub(port)
+                .args(["-t", probe_topic, "-m", "probe"])
                 .status();
             std::thread::sleep(Duration::from_millis(50));
             if seen.load(std::sync::atomic::Ordering::SeqCst) {
@@ -284,6 +275,13 @@ impl Subscriber {
     }
 }
 
+/// `mosquitto_pub` to the broker on `port` at QoS 1; the caller adds topic and message.
+pub fn mosquitto_pub(port: u16) -> Command {
+    let mut c = Command::new("mosquitto_pub");
+    c.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-q", "1"]);
+    c
+}
+
 /// Publishes `(topic, payload)` pairs in order with `mosquitto_pub -l` (one process per topic).
 pub fn publish(port: u16, messages: &[(String, String)]) {
     let mut topics: Vec<&String> = messages.iter().map(|(t, _)| t).collect();
@@ -291,18 +289,8 @@ pub fn publish(port: u16, messages: &[(String, String)]) {
     topics.dedup();
     let mut children = Vec::new();
     for t in topics {
-        let mut child = Command::new("mosquitto_pub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-q",
-                "1",
-                "-t",
-                t,
-                "-l",
-            ])
+        let mut child = mosquitto_pub(port)
+            .args(["-t", t, "-l"])
             .stdin(Stdio::piped())
             .spawn()
             .expect("mosquitto_pub");
