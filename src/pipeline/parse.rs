@@ -39,7 +39,7 @@ pub const DEVICE_ID: &str = "device_id";
 pub const WINDOW_START: &str = "window_start";
 pub const WINDOW_END: &str = "window_end";
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PipelineSpec {
     pub sources: Vec<SourceSpec>,
     pub sinks: Vec<SinkSpec>,
@@ -131,24 +131,14 @@ pub fn parse_files(files: &[Arc<SourceFile>]) -> Result<PipelineSpec, Diagnostic
 
 #[derive(Default)]
 struct Parsed {
-    spec: Option<PipelineSpec>,
+    spec: PipelineSpec,
     errors: Vec<Diagnostic>,
     names: HashMap<String, Loc>,
     query_count: HashMap<String, usize>,
 }
 
 impl Parsed {
-    fn spec(&mut self) -> &mut PipelineSpec {
-        self.spec.get_or_insert_with(|| PipelineSpec {
-            sources: vec![],
-            sinks: vec![],
-            views: vec![],
-            queries: vec![],
-        })
-    }
-
     fn file(&mut self, file: &Arc<SourceFile>) {
-        self.spec();
         let statements = match Parser::new(&GenericDialect {})
             .try_with_sql(&file.text)
             .and_then(|mut p| p.parse_statements())
@@ -226,10 +216,10 @@ impl Parsed {
                 self.declare(&name, &loc)?;
                 if kind == "source" {
                     let source = self.source(name, ct.columns, opts, loc)?;
-                    self.spec().sources.push(source);
+                    self.spec.sources.push(source);
                 } else {
                     let sink = sink(name, &connector, ct.columns, opts, loc)?;
-                    self.spec().sinks.push(sink);
+                    self.spec.sinks.push(sink);
                 }
                 Ok(())
             }
@@ -239,7 +229,7 @@ impl Parsed {
                 if has_window(&cv.query) {
                     return Err(loc.error("windows belong in the query that reads the view (INSERT INTO ... SELECT ... FROM TUMBLE(...)), not in a view"));
                 }
-                self.spec().views.push(ViewSpec { name, statement: stmt, loc });
+                self.spec.views.push(ViewSpec { name, statement: stmt, loc });
                 Ok(())
             }
             Statement::Insert(ins) => {
@@ -253,9 +243,9 @@ impl Parsed {
                 let n = self.query_count.entry(sink.clone()).or_insert(0);
                 *n += 1;
                 let name = if *n == 1 { sink.clone() } else { format!("{sink}#{n}") };
-                let index = self.spec().queries.len();
+                let index = self.spec.queries.len();
                 let window = rewrite_windows(file, &mut query, index)?;
-                self.spec().queries.push(QuerySpec { name, sink, query, window, loc });
+                self.spec.queries.push(QuerySpec { name, sink, query, window, loc });
                 Ok(())
             }
             other => Err(loc.error(format!(
@@ -332,12 +322,7 @@ impl Parsed {
 
     fn finish(self) -> Result<PipelineSpec, Diagnostics> {
         let mut errors = self.errors;
-        let spec = self.spec.unwrap_or(PipelineSpec {
-            sources: vec![],
-            sinks: vec![],
-            views: vec![],
-            queries: vec![],
-        });
+        let spec = self.spec;
         // Cross-statement checks.
         for q in &spec.queries {
             if !spec.sinks.iter().any(|s| s.name == q.sink) {
