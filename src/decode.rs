@@ -24,7 +24,6 @@ use crate::pipeline::topic::TopicPattern;
 /// What decoding needs to know of a source; shared by every shard.
 #[derive(Debug)]
 pub struct SourceShape {
-    pub index: usize,
     pub name: String,
     pub topic: TopicPattern,
     pub payload_schema: SchemaRef,
@@ -33,9 +32,8 @@ pub struct SourceShape {
 }
 
 impl SourceShape {
-    pub fn new(index: usize, s: &CompiledSource) -> SourceShape {
+    pub fn new(s: &CompiledSource) -> SourceShape {
         SourceShape {
-            index,
             name: s.spec.name.clone(),
             topic: s.spec.topic.clone(),
             payload_schema: s.payload_schema.clone(),

@@ -142,8 +142,7 @@ pub async fn run(
     let shapes: Vec<Arc<SourceShape>> = pipeline
         .sources
         .iter()
-        .enumerate()
-        .map(|(i, s)| Arc::new(SourceShape::new(i, s)))
+        .map(|s| Arc::new(SourceShape::new(s)))
         .collect();
     let qos: Vec<u8> = pipeline.sources.iter().map(|s| s.spec.qos).collect();
     let (tx, rx) = mpsc::unbounded_channel();

@@ -27,10 +27,6 @@ impl Tumbling {
         }
     }
 
-    pub fn size(&self) -> i64 {
-        self.size
-    }
-
     /// Assigns rows to windows by their event time; returns how many were late.
     pub fn add(&mut self, batch: &RecordBatch, event_time: usize) -> usize {
         let Some(ts) = batch

@@ -156,12 +156,6 @@ pub struct CompiledPipeline {
     pub queries: Vec<CompiledQuery>,
 }
 
-impl CompiledPipeline {
-    pub fn source_index(&self, name: &str) -> Option<usize> {
-        self.sources.iter().position(|s| s.spec.name == name)
-    }
-}
-
 /// The session every pipeline's plans run in.
 pub fn session() -> SessionContext {
     let mut config = SessionConfig::new()

@@ -39,16 +39,10 @@ impl Default for RollPolicy {
     }
 }
 
-enum Command {
-    Rows(RecordBatch),
-    /// Commit the open file now; answer when done.
-    Commit(Sender<()>),
-}
-
 /// A handle on one table's writer thread.
 pub struct ParquetTable {
     name: String,
-    tx: Option<Sender<Command>>,
+    tx: Option<Sender<RecordBatch>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -106,21 +100,11 @@ impl ParquetTable {
             return;
         }
         if let Some(tx) = &self.tx {
-            if tx.send(Command::Rows(batch)).is_err() {
+            if tx.send(batch).is_err() {
                 tracing::error!(
                     table = self.name,
                     "parquet writer is gone; rows not written"
                 );
-            }
-        }
-    }
-
-    /// Commits the open file and waits until it is visible.
-    pub fn commit(&self) {
-        let (ack, done) = channel();
-        if let Some(tx) = &self.tx {
-            if tx.send(Command::Commit(ack)).is_ok() {
-                let _ = done.recv();
             }
         }
     }
@@ -160,7 +144,7 @@ fn hour_of(t: DateTime<Utc>) -> (i32, u32, u32, u32) {
 }
 
 impl Writer {
-    fn run(&mut self, rx: Receiver<Command>) {
+    fn run(&mut self, rx: Receiver<RecordBatch>) {
         loop {
             let wait = match &self.open {
                 Some(f) => self
@@ -171,11 +155,7 @@ impl Writer {
                 None => Duration::from_secs(3600),
             };
             match rx.recv_timeout(wait) {
-                Ok(Command::Rows(b)) => self.write(b),
-                Ok(Command::Commit(ack)) => {
-                    self.commit();
-                    let _ = ack.send(());
-                }
+                Ok(b) => self.write(b),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => {
                     self.commit();

@@ -21,7 +21,7 @@ fn shape(columns: &str, options: &str) -> Arc<SourceShape> {
     let compiled = rt
         .block_on(fleetsql::pipeline::load(&[p]))
         .unwrap_or_else(|e| panic!("{e}"));
-    Arc::new(SourceShape::new(0, &compiled.sources[0]))
+    Arc::new(SourceShape::new(&compiled.sources[0]))
 }
 
 fn msg(topic: &str, payload: &str, at: i64) -> Message {

@@ -297,18 +297,17 @@ fn idle_actors_retire_and_broker_restart_resumes() {
                 >= 1.0
     });
     let sub = Subscriber::start(port, "+/commands", "probe/commands");
-    publish(
-        port,
-        &[("idle-0/telemetry".into(), "{\"light\": 900}".into())],
-    );
-    wait_until(
-        Duration::from_secs(10),
-        "a command after the restart",
-        || sub.count() >= 1,
-    );
-    assert_eq!(
-        sub.lines.lock().unwrap()[0].1,
-        "idle-0/commands {\"led_on\":false}"
+    // Publishes one reading and waits for the `n`-th command, which must be `expected`.
+    let send_and_expect = |topic: &str, payload: &str, n: usize, expected: &str| {
+        publish(port, &[(topic.into(), payload.into())]);
+        wait_until(Duration::from_secs(10), expected, || sub.count() >= n);
+        assert_eq!(sub.lines.lock().unwrap()[n - 1].1, expected);
+    };
+    send_and_expect(
+        "idle-0/telemetry",
+        "{\"light\": 900}",
+        1,
+        "idle-0/commands {\"led_on\":false}",
     );
 
     // A 2 MiB payload is a dead letter, not a dropped connection; the next reading goes through.
@@ -324,18 +323,11 @@ fn idle_actors_retire_and_broker_restart_resumes() {
         .status()
         .unwrap();
     assert!(st.success());
-    publish(
-        port,
-        &[("idle-1/telemetry".into(), "{\"light\": 5}".into())],
-    );
-    wait_until(
-        Duration::from_secs(10),
-        "the reading after the oversized one",
-        || sub.count() >= 2,
-    );
-    assert_eq!(
-        sub.lines.lock().unwrap()[1].1,
-        "idle-1/commands {\"led_on\":true}"
+    send_and_expect(
+        "idle-1/telemetry",
+        "{\"light\": 5}",
+        2,
+        "idle-1/commands {\"led_on\":true}",
     );
     assert_eq!(
         engine.metric("fleetsql_decode_errors_total{reason=\"payload_too_large\",source=\"\"}"),

@@ -88,7 +88,7 @@ fn cached_plan_reads_each_window_and_matches_replanning() {
         let source = &c.sources[0];
         for (round, devices) in [(1i64, vec!["a", "b"]), (2, vec!["c"])] {
             let mut shard = fleetsql::decode::SourceDecoder::new(Arc::new(
-                fleetsql::decode::SourceShape::new(0, source),
+                fleetsql::decode::SourceShape::new(source),
             ))
             .unwrap();
             for d in &devices {
