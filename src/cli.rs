@@ -161,20 +161,7 @@ pub fn main() -> i32 {
             },
             Command::Explain { pipelines } => match crate::pipeline::load(&pipelines).await {
                 Ok(p) => {
-                    for q in &p.queries {
-                        println!("== query {} (into {}) ==", q.spec.name, q.spec.sink);
-                        if let Some(w) = &q.window {
-                            println!(
-                                "window: TUMBLE {} ms over source {}",
-                                w.size_ms, p.sources[w.source].spec.name
-                            );
-                        }
-                        println!("-- logical plan --\n{}", q.logical.display_indent());
-                        println!(
-                            "-- physical plan --\n{}",
-                            datafusion::physical_plan::displayable(q.plan.as_ref()).indent(false)
-                        );
-                    }
+                    print!("{}", crate::pipeline::explain(&p));
                     0
                 }
                 Err(d) => {

@@ -29,6 +29,8 @@ pub struct SourceShape {
     pub payload_schema: SchemaRef,
     pub row_schema: SchemaRef,
     pub event_time: EventTime,
+    /// Which topic capture is the device id.
+    pub device_capture: usize,
 }
 
 impl SourceShape {
@@ -39,8 +41,29 @@ impl SourceShape {
             payload_schema: s.payload_schema.clone(),
             row_schema: s.row_schema.clone(),
             event_time: s.event_time.clone(),
+            device_capture: s
+                .spec
+                .topic
+                .captures()
+                .position(|c| c == crate::pipeline::parse::DEVICE_ID)
+                .unwrap_or(0),
         }
     }
+}
+
+/// The first source whose topic pattern matches `topic`, and where the device id sits in
+/// the topic (a range, so callers look devices up without copying the id).
+pub fn route(sources: &[Arc<SourceShape>], topic: &str) -> Option<(usize, std::ops::Range<usize>)> {
+    let mut caps: Vec<&str> = Vec::with_capacity(4);
+    for (i, s) in sources.iter().enumerate() {
+        caps.clear();
+        if s.topic.match_into(topic, &mut caps) {
+            let id = caps.get(s.device_capture)?;
+            let start = id.as_ptr() as usize - topic.as_ptr() as usize;
+            return Some((i, start..start + id.len()));
+        }
+    }
+    None
 }
 
 /// One MQTT message on its way to becoming a row.
@@ -112,46 +135,47 @@ impl SourceDecoder {
         }
         let pending = std::mem::take(&mut self.pending);
         let mut dead = Vec::new();
-        let (payload, good) = match decode_all(&mut self.decoder, &pending) {
-            Ok(batch) => (batch, pending),
-            Err(_) => {
-                // Something in the lot is bad: the decoder's state is unknown, start afresh
-                // and find the culprits one by one.
-                if let Ok(d) = build_decoder(&self.shape.payload_schema) {
-                    self.decoder = d;
-                }
-                let mut good = Vec::with_capacity(pending.len());
-                for m in pending {
-                    match decode_one(&self.shape.payload_schema, &m.payload) {
-                        Ok(()) => good.push(m),
-                        Err((reason, error)) => dead.push(self.dead(m, reason, error)),
+        let (payload, good, counts) =
+            match decode_all(&mut self.decoder, &self.shape.payload_schema, &pending) {
+                Ok((batch, counts)) => (batch, pending, counts),
+                Err(_) => {
+                    // Something in the lot is bad: the decoder's state is unknown, start afresh
+                    // and find the culprits one by one.
+                    if let Ok(d) = build_decoder(&self.shape.payload_schema) {
+                        self.decoder = d;
                     }
-                }
-                if good.is_empty() {
-                    return (None, dead);
-                }
-                match decode_all(&mut self.decoder, &good) {
-                    Ok(b) => (b, good),
-                    Err((reason, error)) => {
-                        // Each decoded alone but not together: should not happen; lose nothing.
-                        if let Ok(d) = build_decoder(&self.shape.payload_schema) {
-                            self.decoder = d;
+                    let mut good = Vec::with_capacity(pending.len());
+                    for m in pending {
+                        match decode_one(&self.shape.payload_schema, &m.payload) {
+                            Ok(()) => good.push(m),
+                            Err((reason, error)) => dead.push(self.dead(m, reason, error)),
                         }
-                        dead.extend(
-                            good.into_iter()
-                                .map(|m| self.dead(m, reason, error.clone())),
-                        );
+                    }
+                    if good.is_empty() {
                         return (None, dead);
                     }
+                    match decode_all(&mut self.decoder, &self.shape.payload_schema, &good) {
+                        Ok((b, counts)) => (b, good, counts),
+                        Err((reason, error)) => {
+                            // Each decoded alone but not together: should not happen; lose nothing.
+                            if let Ok(d) = build_decoder(&self.shape.payload_schema) {
+                                self.decoder = d;
+                            }
+                            dead.extend(
+                                good.into_iter()
+                                    .map(|m| self.dead(m, reason, error.clone())),
+                            );
+                            return (None, dead);
+                        }
+                    }
                 }
-            }
-        };
-        match self.rows(payload, &good) {
+            };
+        match self.rows(payload, &good, &counts) {
             Ok((batch, bad_time)) => {
                 for (i, err) in bad_time {
                     dead.push(self.dead(good[i].clone(), reason::BAD_EVENT_TIME, err));
                 }
-                (Some(batch), dead)
+                (Some(batch).filter(|b| b.num_rows() > 0), dead)
             }
             Err(e) => {
                 dead.extend(
@@ -177,20 +201,34 @@ impl SourceDecoder {
     /// Adds topic captures, event time and receive time to decoded payload columns.
     /// Rows whose declared event time is unusable are dropped from the batch and returned
     /// by index for the dead-letter table.
+    /// `counts[i]`: how many rows message `i` produced (more than one for a JSON array).
     fn rows(
         &self,
         payload: RecordBatch,
         msgs: &[Message],
+        counts: &[usize],
     ) -> Result<(RecordBatch, Vec<(usize, String)>), ArrowError> {
         let shape = &self.shape;
-        let n = msgs.len();
+        let n = payload.num_rows();
+        // Row -> the message it came from.
+        let row_msg: Vec<usize> = counts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, c)| std::iter::repeat_n(i, *c))
+            .collect();
+        if row_msg.len() != n {
+            return Err(ArrowError::InvalidArgumentError(format!(
+                "{n} rows decoded from messages that hold {}",
+                row_msg.len()
+            )));
+        }
         let captures: Vec<&str> = shape.topic.captures().collect();
         let mut builders: Vec<StringBuilder> = captures
             .iter()
             .map(|_| StringBuilder::with_capacity(n, n * 12))
             .collect();
         let mut vals = Vec::with_capacity(captures.len());
-        for m in msgs {
+        for m in row_msg.iter().map(|i| &msgs[*i]) {
             vals.clear();
             if !shape.topic.match_into(&m.topic, &mut vals) {
                 return Err(ArrowError::InvalidArgumentError(format!(
@@ -202,9 +240,10 @@ impl SourceDecoder {
                 b.append_value(v);
             }
         }
-        let received =
-            TimestampMillisecondArray::from_iter_values(msgs.iter().map(|m| m.received_at))
-                .with_timezone(crate::time::TZ);
+        let received = TimestampMillisecondArray::from_iter_values(
+            row_msg.iter().map(|i| msgs[*i].received_at),
+        )
+        .with_timezone(crate::time::TZ);
         let mut bad = Vec::new();
         let event_time: ArrayRef = match &shape.event_time {
             EventTime::Received => Arc::new(received.clone()),
@@ -239,7 +278,10 @@ impl SourceDecoder {
         let keep: BooleanArray = (0..n)
             .map(|i| Some(!bad.iter().any(|(b, _)| *b == i)))
             .collect();
-        Ok((filter_record_batch(&batch, &keep)?, bad))
+        let batch = filter_record_batch(&batch, &keep)?;
+        // Dead letters are per message: report each bad reading with its message.
+        let bad = bad.into_iter().map(|(row, e)| (row_msg[row], e)).collect();
+        Ok((batch, bad))
     }
 }
 
@@ -253,8 +295,36 @@ fn build_decoder(schema: &SchemaRef) -> Result<Decoder, ArrowError> {
         .build_decoder()
 }
 
-/// Every payload must add exactly one complete JSON object to the decoder.
-fn feed(decoder: &mut Decoder, payload: &[u8]) -> Result<(), (&'static str, String)> {
+/// A payload is one JSON object (one row) or an array of objects (one row each: a device
+/// uploading buffered readings); returns the rows it added to the decoder.
+fn feed(decoder: &mut Decoder, payload: &[u8]) -> Result<usize, (&'static str, String)> {
+    let first = payload.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        // Arrays are the backfill path, not the hot one: parse, then hand each element to
+        // the Arrow decoder like a message of its own.
+        let items: Vec<serde_json::Value> =
+            serde_json::from_slice(payload).map_err(|e| (reason::INVALID_JSON, e.to_string()))?;
+        let mut bytes = Vec::new();
+        for (k, item) in items.iter().enumerate() {
+            if !item.is_object() {
+                return Err((
+                    reason::NOT_ONE_OBJECT,
+                    format!("array element {k} is not a JSON object"),
+                ));
+            }
+            bytes.clear();
+            serde_json::to_writer(&mut bytes, item)
+                .map_err(|e| (reason::INVALID_JSON, e.to_string()))?;
+            feed_object(decoder, &bytes)?;
+        }
+        return Ok(items.len());
+    }
+    feed_object(decoder, payload)?;
+    Ok(1)
+}
+
+/// Feeds one payload that must be exactly one complete JSON object.
+fn feed_object(decoder: &mut Decoder, payload: &[u8]) -> Result<(), (&'static str, String)> {
     let before = decoder.len();
     decoder
         .decode(payload)
@@ -275,15 +345,22 @@ fn feed(decoder: &mut Decoder, payload: &[u8]) -> Result<(), (&'static str, Stri
     Ok(())
 }
 
+/// Decodes every message into one batch; returns it with the rows per message.
 fn decode_all(
     decoder: &mut Decoder,
+    schema: &SchemaRef,
     msgs: &[Message],
-) -> Result<RecordBatch, (&'static str, String)> {
+) -> Result<(RecordBatch, Vec<usize>), (&'static str, String)> {
+    let mut counts = Vec::with_capacity(msgs.len());
     for m in msgs {
-        feed(decoder, &m.payload)?;
+        counts.push(feed(decoder, &m.payload)?);
     }
     match decoder.flush() {
-        Ok(Some(b)) => Ok(b),
+        Ok(Some(b)) => Ok((b, counts)),
+        // Only empty arrays: no rows, nothing wrong.
+        Ok(None) if counts.iter().all(|c| *c == 0) => {
+            Ok((RecordBatch::new_empty(schema.clone()), counts))
+        }
         Ok(None) => Err((reason::NOT_ONE_OBJECT, "nothing decoded".into())),
         Err(e) => Err((reason::SCHEMA_MISMATCH, e.to_string())),
     }
@@ -291,7 +368,9 @@ fn decode_all(
 
 fn decode_one(schema: &SchemaRef, payload: &[u8]) -> Result<(), (&'static str, String)> {
     let mut d = build_decoder(schema).map_err(|e| (reason::SCHEMA_MISMATCH, e.to_string()))?;
-    feed(&mut d, payload)?;
+    if feed(&mut d, payload)? == 0 {
+        return Ok(());
+    }
     match d.flush() {
         Ok(Some(_)) => Ok(()),
         Ok(None) => Err((reason::NOT_ONE_OBJECT, "nothing decoded".into())),

@@ -149,15 +149,6 @@ async fn route(
     metrics: Arc<Metrics>,
 ) {
     let hasher = std::collections::hash_map::RandomState::new();
-    let device_pos: Vec<usize> = sources
-        .iter()
-        .map(|s| {
-            s.topic
-                .captures()
-                .position(|c| c == crate::pipeline::parse::DEVICE_ID)
-                .unwrap_or(0)
-        })
-        .collect();
     let mut buf = Vec::with_capacity(4096);
     loop {
         if rx.recv_many(&mut buf, 4096).await == 0 {
@@ -181,18 +172,7 @@ async fn route(
                 });
                 continue;
             }
-            let mut routed = None;
-            for (i, s) in sources.iter().enumerate() {
-                let mut caps: Vec<&str> = Vec::with_capacity(4);
-                if s.topic.match_into(&m.topic, &mut caps) {
-                    let id = caps[device_pos[i]];
-                    // The capture is a slice of the topic: keep its position, not a copy.
-                    let start = id.as_ptr() as usize - m.topic.as_ptr() as usize;
-                    routed = Some((i, start..start + id.len()));
-                    break;
-                }
-            }
-            match routed {
+            match crate::decode::route(&sources, &m.topic) {
                 Some((source, device)) => {
                     let mut h = hasher.build_hasher();
                     m.topic[device.clone()].hash(&mut h);

@@ -23,6 +23,7 @@ pub mod cli;
 pub mod decode;
 pub mod device;
 pub mod engine;
+pub mod functions;
 pub mod ingest;
 pub mod metrics;
 pub mod mqtt;

@@ -16,6 +16,10 @@ pub struct Metrics {
     pub decode_errors: IntCounterVec,
     pub rows_ingested: IntCounterVec,
     pub late_rows: IntCounterVec,
+    pub reference_reloads: IntCounterVec,
+    pub pipeline_reloads: IntCounterVec,
+    pub presence_changes: IntCounterVec,
+    pub devices_online: IntGauge,
     pub windows_closed: IntCounterVec,
     pub query_duration: HistogramVec,
     pub query_errors: IntCounterVec,
@@ -105,6 +109,33 @@ impl Metrics {
                 "Rows that arrived after their window closed",
                 &["source"],
             ),
+            reference_reloads: counter(
+                &r,
+                "fleetsql_reference_reloads_total",
+                "Reloads of reference tables after their file changed, by result (ok, error)",
+                &["table", "result"],
+            ),
+            pipeline_reloads: counter(
+                &r,
+                "fleetsql_pipeline_reloads_total",
+                "Pipeline reloads (SIGHUP or --watch), by result (ok, refused)",
+                &["result"],
+            ),
+            presence_changes: counter(
+                &r,
+                "fleetsql_presence_changes_total",
+                "Device status changes, by new status (online, offline)",
+                &["status"],
+            ),
+            devices_online: {
+                let g = IntGauge::new(
+                    "fleetsql_devices_online",
+                    "Devices whose presence is online",
+                )
+                .expect("valid metric");
+                let _ = r.register(Box::new(g.clone()));
+                g
+            },
             windows_closed: counter(
                 &r,
                 "fleetsql_windows_closed_total",
@@ -216,6 +247,18 @@ impl Metrics {
         for t in [crate::engine::DEAD_LETTERS] {
             self.parquet_rows.with_label_values(&[t]);
             self.parquet_files.with_label_values(&[t]);
+        }
+        for r in &p.references {
+            for result in ["ok", "error"] {
+                self.reference_reloads
+                    .with_label_values(&[r.spec.name.as_str(), result]);
+            }
+        }
+        for result in ["ok", "refused"] {
+            self.pipeline_reloads.with_label_values(&[result]);
+        }
+        for status in ["online", "offline"] {
+            self.presence_changes.with_label_values(&[status]);
         }
         for c in ["ingest", "commands"] {
             self.broker_connected.with_label_values(&[c]);

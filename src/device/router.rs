@@ -11,6 +11,7 @@ use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::actor::{DeviceActor, DeviceReading, Retire, Sync};
+use super::presence::{self, Change, Status};
 use crate::decode::{Message as Msg, SourceDecoder, SourceShape};
 use crate::engine::EngineEvent;
 use crate::metrics::Metrics;
@@ -38,6 +39,15 @@ pub struct ShardBuffer {
     decoders: Vec<SourceDecoder>,
     out: UnboundedSender<EngineEvent>,
     max_rows: usize,
+    /// Presence changes noticed since the last flush, for the presence stream.
+    changes: Vec<Change>,
+}
+
+/// Where presence changes go, and after how long a silent device is offline.
+#[derive(Debug, Clone, Copy)]
+pub struct PresenceConfig {
+    pub stream: usize,
+    pub timeout: Duration,
 }
 
 impl ShardBuffer {
@@ -54,6 +64,7 @@ impl ShardBuffer {
             decoders,
             out,
             max_rows,
+            changes: Vec::new(),
         })
     }
 
@@ -71,17 +82,31 @@ impl ShardBuffer {
         let (batch, dead) = self.decoders[source].flush();
         // A closed channel means the engine is gone (shutdown); nothing left to tell.
         if let Some(batch) = batch {
-            let _ = self.out.send(EngineEvent::Rows { source, batch });
+            let _ = self.out.send(EngineEvent::Rows {
+                stream: source,
+                batch,
+            });
         }
         if !dead.is_empty() {
             let _ = self.out.send(EngineEvent::DeadLetters(dead));
         }
     }
 
-    pub fn flush_all(&mut self) {
+    pub fn flush_all(&mut self, presence: Option<PresenceConfig>) {
         for i in 0..self.decoders.len() {
             if !self.decoders[i].is_empty() {
                 self.flush_source(i);
+            }
+        }
+        if let (Some(p), false) = (presence, self.changes.is_empty()) {
+            match presence::rows(&std::mem::take(&mut self.changes)) {
+                Ok(batch) => {
+                    let _ = self.out.send(EngineEvent::Rows {
+                        stream: p.stream,
+                        batch,
+                    });
+                }
+                Err(e) => tracing::error!("presence rows: {e}"),
             }
         }
     }
@@ -90,6 +115,7 @@ impl ShardBuffer {
 struct Entry {
     addr: Addr<DeviceActor>,
     last_seen: Instant,
+    presence: Status,
 }
 
 pub struct ShardRouter {
@@ -98,6 +124,7 @@ pub struct ShardRouter {
     metrics: Arc<Metrics>,
     idle_timeout: Duration,
     flush_interval: Duration,
+    presence: Option<PresenceConfig>,
 }
 
 impl Actor for ShardRouter {
@@ -107,25 +134,58 @@ impl Actor for ShardRouter {
         // Readings arriving faster than they are handled wait here, not in an unbounded queue.
         ctx.set_mailbox_capacity(64);
         ctx.run_interval(self.flush_interval, |act, _| {
-            act.buffer.borrow_mut().flush_all()
+            act.buffer.borrow_mut().flush_all(act.presence)
         });
-        let sweep =
-            (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
+        let shortest = match self.presence {
+            Some(p) => p.timeout.min(self.idle_timeout),
+            None => self.idle_timeout,
+        };
+        let sweep = (shortest / 4).clamp(Duration::from_millis(100), Duration::from_secs(30));
         ctx.run_interval(sweep, |act, _| act.retire_idle());
     }
 }
 
 impl ShardRouter {
+    /// Marks silent devices offline and retires idle actors (offline first, if the idle
+    /// timeout is the shorter).
     fn retire_idle(&mut self) {
         let now = Instant::now();
+        let now_ms = crate::time::now_ms();
         let timeout = self.idle_timeout;
-        self.devices.retain(|_, e| {
+        let presence = self.presence;
+        let mut changes = Vec::new();
+        self.devices.retain(|id, e| {
+            if let Some(p) = presence {
+                changes.extend(e.presence.check(id, now_ms, p.timeout.as_millis() as i64));
+            }
             let keep = now.duration_since(e.last_seen) < timeout;
             if !keep {
+                if presence.is_some() {
+                    changes.extend(e.presence.retire(id, now_ms));
+                }
                 e.addr.do_send(Retire);
             }
             keep
         });
+        self.record(changes);
+    }
+
+    fn record(&mut self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
+        for c in &changes {
+            self.metrics
+                .presence_changes
+                .with_label_values(&[c.status])
+                .inc();
+            if c.status == presence::ONLINE {
+                self.metrics.devices_online.inc();
+            } else {
+                self.metrics.devices_online.dec();
+            }
+        }
+        self.buffer.borrow_mut().changes.extend(changes);
     }
 }
 
@@ -134,17 +194,28 @@ impl Handler<Ingest> for ShardRouter {
 
     fn handle(&mut self, Ingest(readings): Ingest, _ctx: &mut Self::Context) {
         let now = Instant::now();
+        let mut changes = Vec::new();
         for r in readings {
             let id = &r.msg.topic[r.device.clone()];
             let entry = match self.devices.get_mut(id) {
-                Some(e) => e,
+                Some(e) => {
+                    if self.presence.is_some() {
+                        changes.extend(e.presence.seen(|| Arc::from(id), r.msg.received_at));
+                    }
+                    e
+                }
                 None => {
                     let id: Arc<str> = Arc::from(id);
                     let actor =
                         DeviceActor::new(id.clone(), self.buffer.clone(), self.metrics.clone());
+                    let (status, change) = Status::new_online(&id, r.msg.received_at);
+                    if self.presence.is_some() {
+                        changes.push(change);
+                    }
                     self.devices.entry(id).or_insert(Entry {
                         addr: actor.start(),
                         last_seen: now,
+                        presence: status,
                     })
                 }
             };
@@ -154,6 +225,7 @@ impl Handler<Ingest> for ShardRouter {
                 msg: r.msg,
             });
         }
+        self.record(changes);
     }
 }
 
@@ -169,7 +241,7 @@ impl Handler<FlushNow> for ShardRouter {
                 futures::future::join_all(syncs).await;
             }
             .into_actor(self)
-            .map(|_, act, _| act.buffer.borrow_mut().flush_all()),
+            .map(|_, act, _| act.buffer.borrow_mut().flush_all(act.presence)),
         )
     }
 }
@@ -208,6 +280,7 @@ pub fn start_shards(
     metrics: Arc<Metrics>,
     idle_timeout: Duration,
     flush_interval: Duration,
+    presence: Option<PresenceConfig>,
 ) -> anyhow::Result<Shards> {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
@@ -235,6 +308,7 @@ pub fn start_shards(
                             metrics,
                             idle_timeout,
                             flush_interval,
+                            presence,
                         });
                     routers.push(router);
                 }

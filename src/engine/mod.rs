@@ -2,7 +2,8 @@
 //! together, and takes them down in order on shutdown so every open window and file is
 //! flushed.
 
-mod runner;
+pub mod local;
+pub mod runner;
 pub mod window;
 
 use std::net::SocketAddr;
@@ -20,12 +21,13 @@ use crate::pipeline::CompiledPipeline;
 use crate::pipeline::parse::SinkKind;
 use crate::sink::commands::CommandPublisher;
 use crate::sink::parquet::{ParquetTable, RollPolicy};
-pub use runner::{DEAD_LETTERS, dead_letter_schema};
+pub use runner::{DEAD_LETTERS, Output, Outputs, Runner, dead_letter_schema};
 
 /// What flows from the shards (and the topic router) to the pipeline runner.
 pub enum EngineEvent {
+    /// Rows of a root stream: a source (same index) or the presence stream.
     Rows {
-        source: usize,
+        stream: usize,
         batch: RecordBatch,
     },
     DeadLetters(Vec<DeadLetter>),
@@ -94,7 +96,7 @@ pub async fn run(
             )
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let sinks = pipeline
+    let parquet_sinks = pipeline
         .sinks
         .iter()
         .map(|s| match s.spec.kind {
@@ -116,11 +118,6 @@ pub async fn run(
         cfg.roll,
         metrics.clone(),
     )?;
-    let tables = runner::Tables {
-        raw,
-        sinks,
-        dead_letters,
-    };
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let has_commands = pipeline
@@ -153,12 +150,30 @@ pub async fn run(
         metrics.clone(),
         cfg.device_idle_timeout,
         cfg.flush_interval,
+        pipeline
+            .presence
+            .as_ref()
+            .map(|(p, stream)| crate::device::PresenceConfig {
+                stream: *stream,
+                timeout: p.timeout,
+            }),
     )?;
 
+    let sinks = parquet_sinks
+        .into_iter()
+        .map(|t| match (t, &commands) {
+            (Some(t), _) => Output::Parquet(t),
+            (None, Some(c)) => Output::Commands(c.clone()),
+            (None, None) => Output::Discard,
+        })
+        .collect();
+    let outputs = Outputs {
+        raw: raw.into_iter().map(Output::Parquet).collect(),
+        sinks,
+        dead_letters: Output::Parquet(dead_letters),
+    };
     let sim_plan = crate::simulate::Plan::from_pipeline(&pipeline);
-    let runner = tokio::spawn(
-        runner::Runner::new(pipeline, tables, commands.clone(), metrics.clone()).run(rx),
-    );
+    let runner = tokio::spawn(Runner::new(pipeline, outputs, metrics.clone()).run(rx));
     let ingest = tokio::spawn(crate::ingest::run(
         crate::ingest::IngestConfig {
             broker: broker.clone(),
@@ -213,8 +228,8 @@ pub async fn run(
     let (done_tx, done_rx) = oneshot::channel();
     let _ = tx.send(EngineEvent::Finish(done_tx));
     let _ = done_rx.await;
-    let tables = runner.await?;
-    tokio::task::spawn_blocking(move || tables.close()).await?;
+    let outputs = runner.await?;
+    tokio::task::spawn_blocking(move || outputs.close()).await?;
     if let Some(c) = &commands {
         c.close().await;
     }

@@ -1,11 +1,13 @@
 //! The pipeline runner: the one task that sees every row. It archives raw rows and dead
-//! letters, feeds micro-batch queries as rows arrive, assigns rows to windows, closes
-//! windows as watermarks pass, runs the compiled plans and hands results to the sinks.
+//! letters, computes views and micro-batch queries as rows arrive, assigns rows to
+//! windows, closes windows as watermarks pass, runs the compiled plans and hands results
+//! to the outputs.
 //!
-//! It runs on the engine's multi-thread tokio runtime, as DataFusion expects, never on an
-//! actix arbiter.
+//! Time comes from the caller (`now` arguments), so the same runner is driven by the wall
+//! clock in the engine and by recorded times in golden tests and replays. It runs on a
+//! multi-thread tokio runtime, as DataFusion expects, never on an actix arbiter.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use datafusion::arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
@@ -15,11 +17,12 @@ use datafusion::execution::TaskContext;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::EngineEvent;
-use super::window::{RECEIVE_TIME_SLACK_MS, SourceClock, Tumbling};
+use super::window::{Closed, RECEIVE_TIME_SLACK_MS, SourceClock, Windows};
 use crate::decode::DeadLetter;
 use crate::metrics::Metrics;
-use crate::pipeline::compile::{CompiledPipeline, EventTime, ts_type};
-use crate::pipeline::parse::{EVENT_TIME, SinkKind};
+use crate::pipeline::compile::{CompiledPipeline, EventTime, StreamKind, ts_type};
+use crate::pipeline::parse::SinkKind;
+use crate::pipeline::reference::Reload;
 use crate::sink::commands::CommandPublisher;
 use crate::sink::parquet::ParquetTable;
 
@@ -36,93 +39,140 @@ pub fn dead_letter_schema() -> SchemaRef {
     ]))
 }
 
-/// Every table the runner writes to.
-pub struct Tables {
-    /// Raw telemetry, one per source (same index).
-    pub raw: Vec<ParquetTable>,
-    /// One per sink (same index); `None` for MQTT sinks.
-    pub sinks: Vec<Option<ParquetTable>>,
-    pub dead_letters: ParquetTable,
+/// Where a table's rows go.
+pub enum Output {
+    Parquet(ParquetTable),
+    /// An MQTT command sink: one message per row.
+    Commands(CommandPublisher),
+    /// Kept in memory: golden tests and anything that inspects results in process.
+    Capture(Arc<Mutex<Vec<RecordBatch>>>),
+    Discard,
 }
 
-impl Tables {
-    pub fn close(self) {
-        for t in self.raw {
+impl Output {
+    pub fn capture() -> (Output, Arc<Mutex<Vec<RecordBatch>>>) {
+        let rows = Arc::new(Mutex::new(Vec::new()));
+        (Output::Capture(rows.clone()), rows)
+    }
+
+    fn write_table(&self, batch: RecordBatch) {
+        match self {
+            Output::Parquet(t) => t.write(batch),
+            Output::Capture(c) => c.lock().unwrap_or_else(|p| p.into_inner()).push(batch),
+            Output::Commands(_) | Output::Discard => {}
+        }
+    }
+
+    fn close(self) {
+        if let Output::Parquet(t) = self {
             t.close();
         }
-        for t in self.sinks.into_iter().flatten() {
+    }
+}
+
+/// Every output the runner writes to.
+pub struct Outputs {
+    /// Raw telemetry, one per source (same index).
+    pub raw: Vec<Output>,
+    /// One per sink (same index).
+    pub sinks: Vec<Output>,
+    pub dead_letters: Output,
+}
+
+impl Outputs {
+    /// Commits every file; blocking.
+    pub fn close(self) {
+        for t in self.raw.into_iter().chain(self.sinks) {
             t.close();
         }
         self.dead_letters.close();
     }
 }
 
+/// How often reference files are checked for changes.
+const REFERENCE_CHECK_MS: i64 = 1000;
+
 pub struct Runner {
     pipeline: CompiledPipeline,
     task_ctx: Arc<TaskContext>,
-    tables: Tables,
-    commands: Option<CommandPublisher>,
+    outputs: Outputs,
     metrics: Arc<Metrics>,
-    /// Per query: its tumbling windows, for windowed queries.
-    windows: Vec<Option<Tumbling>>,
+    /// Per query: its open windows, for windowed queries.
+    windows: Vec<Option<Windows>>,
+    /// Per stream; only root streams' (sources, presence) are used.
     clocks: Vec<SourceClock>,
-    /// Per source: rows waiting for the micro-batch queries that read the source.
+    /// Per stream: rows waiting for the views and micro-batch queries that read it.
     pending: Vec<Vec<RecordBatch>>,
-    micro_queries: Vec<Vec<usize>>,
-    event_time_col: Vec<usize>,
+    /// Per stream: the views computed from it.
+    views: Vec<Vec<usize>>,
+    /// Per stream: the micro-batch queries reading it.
+    micro: Vec<Vec<usize>>,
+    /// Per stream: (query, window input) pairs windowing it.
+    windowed: Vec<Vec<(usize, usize)>>,
+    last_reference_check: i64,
 }
 
 impl Runner {
-    pub fn new(
-        pipeline: CompiledPipeline,
-        tables: Tables,
-        commands: Option<CommandPublisher>,
-        metrics: Arc<Metrics>,
-    ) -> Runner {
-        let n = pipeline.sources.len();
-        let mut micro_queries = vec![Vec::new(); n];
+    pub fn new(pipeline: CompiledPipeline, outputs: Outputs, metrics: Arc<Metrics>) -> Runner {
+        let n = pipeline.streams.len();
+        let mut views = vec![Vec::new(); n];
+        let mut micro = vec![Vec::new(); n];
+        let mut windowed = vec![Vec::new(); n];
+        for (si, s) in pipeline.streams.iter().enumerate() {
+            if let StreamKind::View { input, .. } = s.kind {
+                views[input].push(si);
+            }
+        }
         for (qi, q) in pipeline.queries.iter().enumerate() {
-            for s in &q.inputs {
-                micro_queries[*s].push(qi);
+            if let Some(s) = q.input {
+                micro[s].push(qi);
+            }
+            for (k, w) in q.window.iter().flat_map(|w| w.inputs.iter().enumerate()) {
+                windowed[w.stream].push((qi, k));
             }
         }
         let windows = pipeline
             .queries
             .iter()
-            .map(|q| q.window.as_ref().map(|w| Tumbling::new(w.size_ms)))
-            .collect();
-        let clocks = pipeline
-            .sources
-            .iter()
-            .map(|s| match s.event_time {
-                EventTime::Received => SourceClock::new(RECEIVE_TIME_SLACK_MS),
-                EventTime::Field { .. } => {
-                    SourceClock::new(s.spec.watermark_delay.as_millis() as i64)
-                }
+            .map(|q| {
+                q.window.as_ref().map(|w| {
+                    let schema = &pipeline.streams[w.inputs[0].stream].schema;
+                    Windows::new(&w.kind, w.inputs.len(), w.session_keys.clone(), schema)
+                })
             })
             .collect();
-        let event_time_col = pipeline
-            .sources
-            .iter()
-            .map(|s| s.row_schema.index_of(EVENT_TIME).unwrap_or(0))
-            .collect();
+        let clocks =
+            pipeline
+                .streams
+                .iter()
+                .map(|s| match s.kind {
+                    StreamKind::Source(i) => match pipeline.sources[i].event_time {
+                        EventTime::Received => SourceClock::new(RECEIVE_TIME_SLACK_MS),
+                        EventTime::Field { .. } => SourceClock::new(
+                            pipeline.sources[i].spec.watermark_delay.as_millis() as i64,
+                        ),
+                    },
+                    _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
+                })
+                .collect();
         Runner {
             task_ctx: pipeline.ctx.task_ctx(),
             pipeline,
-            tables,
-            commands,
+            outputs,
             metrics,
             windows,
             clocks,
             pending: vec![Vec::new(); n],
-            micro_queries,
-            event_time_col,
+            views,
+            micro,
+            windowed,
+            last_reference_check: i64::MIN,
         }
     }
 
     /// Runs until the channel delivers `Finish` (or closes), then closes every window and
-    /// returns the tables for the caller to close.
-    pub async fn run(mut self, mut rx: UnboundedReceiver<EngineEvent>) -> Tables {
+    /// returns the outputs for the caller to close.
+    pub async fn run(mut self, mut rx: UnboundedReceiver<EngineEvent>) -> Outputs {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut finish = None;
@@ -131,74 +181,72 @@ impl Runner {
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     let mut next = Some(ev);
+                    let now = crate::time::now_ms();
                     // Take everything queued before running queries: batches grow with load.
                     while let Some(ev) = next {
                         match ev {
                             EngineEvent::Finish(done) => { finish = Some(done); break; }
-                            ev => self.handle(ev),
+                            EngineEvent::Rows { stream, batch } => self.rows(stream, batch, now),
+                            EngineEvent::DeadLetters(d) => self.dead_letters(d),
                         }
                         next = rx.try_recv().ok();
                     }
                     self.run_micro_batches().await;
                     if finish.is_some() { break; }
                 }
-                _ = tick.tick() => self.close_due_windows().await,
+                _ = tick.tick() => self.tick(crate::time::now_ms()).await,
             }
         }
-        self.run_micro_batches().await;
-        for qi in 0..self.windows.len() {
-            let closed = match self.windows[qi].as_mut() {
-                Some(w) => w.close_all(),
-                None => continue,
-            };
-            for (start, batches) in closed {
-                self.run_window(qi, start, batches).await;
-            }
-        }
+        self.finish().await;
         if let Some(done) = finish {
             let _ = done.send(());
         }
-        self.tables
+        self.outputs
     }
 
-    fn handle(&mut self, ev: EngineEvent) {
-        match ev {
-            EngineEvent::Rows { source, batch } => self.rows(source, batch),
-            EngineEvent::DeadLetters(d) => self.dead_letters(d),
-            EngineEvent::Finish(_) => {}
+    /// Rows of a root stream (a source, or presence) arriving at `now`.
+    pub fn rows(&mut self, stream: usize, batch: RecordBatch, now: i64) {
+        let Some(s) = self.pipeline.streams.get(stream) else {
+            return;
+        };
+        if let StreamKind::Source(i) = s.kind {
+            self.metrics
+                .rows_ingested
+                .with_label_values(&[&s.name])
+                .inc_by(batch.num_rows() as u64);
+            self.outputs.raw[i].write_table(batch.clone());
         }
+        if let Some(et) = s.event_time {
+            self.clocks[stream].observe(&batch, et, now);
+        }
+        self.push(stream, batch);
     }
 
-    fn rows(&mut self, source: usize, batch: RecordBatch) {
-        let name = &self.pipeline.sources[source].spec.name;
-        self.metrics
-            .rows_ingested
-            .with_label_values(&[name])
-            .inc_by(batch.num_rows() as u64);
-        let et = self.event_time_col[source];
-        self.clocks[source].observe(&batch, et, crate::time::now_ms());
+    /// Hands rows of a stream to the windows over it and queues them for its readers.
+    fn push(&mut self, stream: usize, batch: RecordBatch) {
+        let s = &self.pipeline.streams[stream];
         let mut late = 0;
-        for (qi, q) in self.pipeline.queries.iter().enumerate() {
-            if let (Some(w), Some(state)) = (&q.window, self.windows[qi].as_mut()) {
-                if w.source == source {
+        if let Some(et) = s.event_time {
+            for &(qi, k) in &self.windowed[stream] {
+                if let Some(w) = self.windows[qi].as_mut() {
                     // A late row is counted once per window query that missed it.
-                    late += state.add(&batch, et);
+                    late += w.add(k, &batch, et);
                 }
             }
         }
         if late > 0 {
+            let root = &self.pipeline.streams[s.root].name;
             self.metrics
                 .late_rows
-                .with_label_values(&[name])
+                .with_label_values(&[root])
                 .inc_by(late as u64);
         }
-        if !self.micro_queries[source].is_empty() {
-            self.pending[source].push(batch.clone());
+        if !self.views[stream].is_empty() || !self.micro[stream].is_empty() {
+            self.pending[stream].push(batch);
         }
-        self.tables.raw[source].write(batch);
     }
 
-    fn dead_letters(&mut self, dead: Vec<DeadLetter>) {
+    pub fn dead_letters(&mut self, dead: Vec<DeadLetter>) {
         for d in &dead {
             let source = d.source.as_deref().unwrap_or("");
             self.metrics
@@ -227,71 +275,152 @@ impl Runner {
             ) as ArrayRef,
         ];
         match RecordBatch::try_new(dead_letter_schema(), columns) {
-            Ok(b) => self.tables.dead_letters.write(b),
+            Ok(b) => self.outputs.dead_letters.write_table(b),
             Err(e) => tracing::error!("cannot build dead letter rows: {e}"),
         }
     }
 
-    async fn run_micro_batches(&mut self) {
+    /// Computes views and micro-batch queries over everything queued. Streams are in
+    /// declaration order, so a view's rows are queued before its own turn comes.
+    pub async fn run_micro_batches(&mut self) {
         for s in 0..self.pending.len() {
             if self.pending[s].is_empty() {
                 continue;
             }
             let batches = std::mem::take(&mut self.pending[s]);
-            let slot = self.pipeline.sources[s].slot.clone();
+            let slot = self.pipeline.streams[s].slot.clone();
             slot.set(batches);
-            for qi in self.micro_queries[s].clone() {
+            for v in self.views[s].clone() {
+                let StreamKind::View { plan, .. } = &self.pipeline.streams[v].kind else {
+                    continue;
+                };
+                match plan.execute(self.task_ctx.clone()).await {
+                    Ok(out) => {
+                        for b in out {
+                            if b.num_rows() > 0 {
+                                self.push(v, b);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let name = &self.pipeline.streams[v].name;
+                        self.metrics.query_errors.with_label_values(&[name]).inc();
+                        tracing::error!(view = name, "view failed: {e}");
+                    }
+                }
+            }
+            for qi in self.micro[s].clone() {
                 self.execute(qi).await;
             }
             slot.clear();
         }
     }
 
-    async fn close_due_windows(&mut self) {
-        let now = crate::time::now_ms();
+    /// Closes the windows that watermarks passed by `now`, and reloads changed reference
+    /// files.
+    pub async fn tick(&mut self, now: i64) {
+        self.run_micro_batches().await;
         for qi in 0..self.windows.len() {
             let Some(w) = &self.pipeline.queries[qi].window else {
                 continue;
             };
-            let wm = self.clocks[w.source].watermark(now);
+            // A window join closes when every side has moved past it.
+            let wm = w
+                .inputs
+                .iter()
+                .map(|i| self.clocks[self.pipeline.streams[i.stream].root].watermark(now))
+                .min()
+                .unwrap_or(i64::MIN);
             let closed = match self.windows[qi].as_mut() {
                 Some(state) => state.close_until(wm),
                 None => continue,
             };
-            for (start, batches) in closed {
-                self.run_window(qi, start, batches).await;
+            for c in closed {
+                self.run_window(qi, c).await;
+            }
+        }
+        if now >= self.last_reference_check.saturating_add(REFERENCE_CHECK_MS) {
+            self.last_reference_check = now;
+            self.reload_references().await;
+        }
+    }
+
+    async fn reload_references(&mut self) {
+        for r in &self.pipeline.references {
+            match r.reload_if_changed().await {
+                Reload::Unchanged => {}
+                Reload::Loaded { rows } => {
+                    self.metrics
+                        .reference_reloads
+                        .with_label_values(&[&r.spec.name, "ok"])
+                        .inc();
+                    tracing::info!(table = r.spec.name, rows, "reference table reloaded");
+                }
+                Reload::Failed(e) => {
+                    self.metrics
+                        .reference_reloads
+                        .with_label_values(&[&r.spec.name, "error"])
+                        .inc();
+                    tracing::error!(
+                        table = r.spec.name,
+                        "reference table not reloaded, previous contents kept: {e}"
+                    );
+                }
             }
         }
     }
 
-    async fn run_window(&mut self, qi: usize, start: i64, batches: Vec<RecordBatch>) {
+    /// Runs what is queued and closes every open window: at shutdown, and at the end of a
+    /// replay.
+    pub async fn finish(&mut self) {
+        self.run_micro_batches().await;
+        for qi in 0..self.windows.len() {
+            let closed = match self.windows[qi].as_mut() {
+                Some(w) => w.close_all(),
+                None => continue,
+            };
+            for c in closed {
+                self.run_window(qi, c).await;
+            }
+        }
+    }
+
+    pub fn into_outputs(self) -> Outputs {
+        self.outputs
+    }
+
+    async fn run_window(&mut self, qi: usize, closed: Closed) {
         let closed_at = Instant::now();
         let q = &self.pipeline.queries[qi];
         let Some(w) = &q.window else { return };
-        let end = start + w.size_ms;
-        let mut with_bounds = Vec::with_capacity(batches.len());
-        for b in batches {
-            let n = b.num_rows();
-            let mut cols = b.columns().to_vec();
-            cols.push(Arc::new(
-                TimestampMillisecondArray::from_value(start, n).with_timezone(crate::time::TZ),
-            ));
-            cols.push(Arc::new(
-                TimestampMillisecondArray::from_value(end, n).with_timezone(crate::time::TZ),
-            ));
-            match RecordBatch::try_new(w.schema.clone(), cols) {
-                Ok(b) => with_bounds.push(b),
-                Err(e) => tracing::error!(query = q.spec.name, "window rows: {e}"),
+        for (k, input) in w.inputs.iter().enumerate() {
+            let mut with_bounds = Vec::new();
+            for (start, end, b) in closed.inputs.get(k).into_iter().flatten() {
+                let n = b.num_rows();
+                let mut cols = b.columns().to_vec();
+                cols.push(Arc::new(
+                    TimestampMillisecondArray::from_value(*start, n).with_timezone(crate::time::TZ),
+                ));
+                cols.push(Arc::new(
+                    TimestampMillisecondArray::from_value(*end, n).with_timezone(crate::time::TZ),
+                ));
+                match RecordBatch::try_new(input.schema.clone(), cols) {
+                    Ok(b) => with_bounds.push(b),
+                    Err(e) => tracing::error!(query = q.spec.name, "window rows: {e}"),
+                }
             }
+            input.slot.set(with_bounds);
         }
-        let slot = w.slot.clone();
-        slot.set(with_bounds);
         self.metrics
             .windows_closed
             .with_label_values(&[&q.spec.name])
             .inc();
         self.execute(qi).await;
-        slot.clear();
+        if let Some(w) = &self.pipeline.queries[qi].window {
+            for input in &w.inputs {
+                input.slot.clear();
+            }
+        }
         self.metrics
             .window_close_latency
             .observe(closed_at.elapsed().as_secs_f64());
@@ -322,17 +451,11 @@ impl Runner {
             if b.num_rows() == 0 {
                 continue;
             }
-            match &sink.spec.kind {
-                SinkKind::Parquet => {
-                    if let Some(t) = &self.tables.sinks[q.sink] {
-                        t.write(b);
-                    }
+            match (&self.outputs.sinks[q.sink], &sink.spec.kind) {
+                (Output::Commands(c), SinkKind::Mqtt { topic, qos, retain }) => {
+                    c.publish(&sink.spec.name, topic, *qos, *retain, &b).await;
                 }
-                SinkKind::Mqtt { topic, qos, retain } => {
-                    if let Some(c) = &self.commands {
-                        c.publish(&sink.spec.name, topic, *qos, *retain, &b).await;
-                    }
-                }
+                (out, _) => out.write_table(b),
             }
         }
     }

@@ -1,110 +1,348 @@
-//! Event-time bookkeeping: tumbling windows per query and a watermark per source.
+//! Event-time bookkeeping: the open windows of each windowed query, and a watermark per
+//! source.
 //!
-//! A window `[start, start + size)` closes when its source's watermark passes its end.
-//! The watermark is per source, not per device: windows aggregate across devices, so they
-//! can only close when the source as a whole has moved past them.
+//! A window closes when the watermark of every stream it reads passes its end. The
+//! watermark is per source, not per device: windows aggregate across devices, so they can
+//! only close when the source as a whole has moved past them (docs/pipeline-sql.md).
+//!
+//! TUMBLE and HOP windows share one layout: rows are kept in panes of one slide each, and
+//! a closing window takes its panes' batches (Arc clones, not copies), so a row in ten
+//! overlapping windows is stored once. SESSION windows are kept per key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
-use datafusion::arrow::array::{Array, BooleanArray, TimestampMillisecondArray};
-use datafusion::arrow::compute::filter_record_batch;
+use datafusion::arrow::array::{Array, BooleanArray, TimestampMillisecondArray, UInt32Array};
+use datafusion::arrow::compute::{filter_record_batch, take_record_batch};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::arrow::row::{RowConverter, SortField};
 
-/// Open tumbling windows of one query.
-pub struct Tumbling {
-    size: i64,
-    open: BTreeMap<i64, Vec<RecordBatch>>,
-    /// Every window starting before this is closed; rows for them are late.
-    closed_before: i64,
+use crate::pipeline::rewrite::WindowKind;
+
+/// Rows of one closed window execution, per input, each batch with its window's bounds.
+#[derive(Debug, Default)]
+pub struct Closed {
+    pub inputs: Vec<Vec<(i64, i64, RecordBatch)>>,
 }
 
-impl Tumbling {
-    pub fn new(size_ms: i64) -> Tumbling {
-        Tumbling {
-            size: size_ms,
-            open: BTreeMap::new(),
-            closed_before: i64::MIN,
+impl Closed {
+    pub fn rows(&self) -> usize {
+        self.inputs
+            .iter()
+            .flatten()
+            .map(|(_, _, b)| b.num_rows())
+            .sum()
+    }
+}
+
+/// The open windows of one query.
+pub enum Windows {
+    Panes(Panes),
+    Sessions(Sessions),
+}
+
+impl Windows {
+    /// `schemas`: the input streams' schemas (session keys are looked up in the first).
+    pub fn new(
+        kind: &WindowKind,
+        inputs: usize,
+        session_keys: Vec<usize>,
+        schema: &SchemaRef,
+    ) -> Windows {
+        match kind {
+            WindowKind::Tumble { size } => {
+                let s = size.as_millis() as i64;
+                Windows::Panes(Panes::new(s, s, inputs))
+            }
+            WindowKind::Hop { size, slide } => Windows::Panes(Panes::new(
+                size.as_millis() as i64,
+                slide.as_millis() as i64,
+                inputs,
+            )),
+            WindowKind::Session { gap, .. } => {
+                Windows::Sessions(Sessions::new(gap.as_millis() as i64, session_keys, schema))
+            }
         }
     }
 
-    /// Assigns rows to windows by their event time; returns how many were late.
-    pub fn add(&mut self, batch: &RecordBatch, event_time: usize) -> usize {
-        let Some(ts) = batch
-            .column(event_time)
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
-        else {
-            return 0;
-        };
-        let size = self.size;
-        let start_of = |t: i64| t.div_euclid(size).saturating_mul(size);
+    /// Assigns rows of input `input` to windows by their event time (column `et`); returns
+    /// how many were too late for their window.
+    pub fn add(&mut self, input: usize, batch: &RecordBatch, et: usize) -> usize {
+        match self {
+            Windows::Panes(p) => p.add(input, batch, et),
+            Windows::Sessions(s) => s.add(batch, et),
+        }
+    }
+
+    /// Removes and returns the windows whose end is at or before `watermark`, oldest first.
+    pub fn close_until(&mut self, watermark: i64) -> Vec<Closed> {
+        match self {
+            Windows::Panes(p) => p.close_until(watermark),
+            Windows::Sessions(s) => s.close_until(watermark),
+        }
+    }
+
+    /// Every open window, for the final flush at shutdown.
+    pub fn close_all(&mut self) -> Vec<Closed> {
+        self.close_until(i64::MAX)
+    }
+}
+
+fn times(batch: &RecordBatch, et: usize) -> Option<&TimestampMillisecondArray> {
+    batch
+        .column(et)
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+}
+
+/// TUMBLE (slide = size) and HOP windows of one query, as panes of one slide.
+pub struct Panes {
+    size: i64,
+    slide: i64,
+    inputs: usize,
+    /// Pane start -> batches per input.
+    panes: BTreeMap<i64, Vec<Vec<RecordBatch>>>,
+    /// Every window ending at or before this has been closed.
+    closed: i64,
+}
+
+impl Panes {
+    pub fn new(size: i64, slide: i64, inputs: usize) -> Panes {
+        Panes {
+            size,
+            slide,
+            inputs,
+            panes: BTreeMap::new(),
+            closed: i64::MIN,
+        }
+    }
+
+    fn pane_of(&self, t: i64) -> i64 {
+        t.div_euclid(self.slide).saturating_mul(self.slide)
+    }
+
+    fn put(&mut self, pane: i64, input: usize, batch: RecordBatch) {
+        let n = self.inputs;
+        self.panes
+            .entry(pane)
+            .or_insert_with(|| vec![Vec::new(); n])[input]
+            .push(batch);
+    }
+
+    /// A row is late when the first window it belongs to has closed; it still counts in
+    /// its later windows (HOP) if any is open.
+    fn add(&mut self, input: usize, batch: &RecordBatch, et: usize) -> usize {
+        let Some(ts) = times(batch, et) else { return 0 };
         let (mut lo, mut hi) = (i64::MAX, i64::MIN);
         for t in ts.values().iter() {
-            let s = start_of(*t);
-            lo = lo.min(s);
-            hi = hi.max(s);
+            let p = self.pane_of(*t);
+            lo = lo.min(p);
+            hi = hi.max(p);
         }
         if lo == i64::MAX {
             return 0;
         }
+        let (slide, size, closed) = (self.slide, self.size, self.closed);
+        let late = move |p: i64| p.saturating_add(slide) <= closed;
+        let kept = move |p: i64| p.saturating_add(size) > closed;
         if lo == hi {
-            // The common case: the whole batch belongs to one window.
-            if lo < self.closed_before {
-                return batch.num_rows();
+            // The common case: the whole batch belongs to one pane.
+            if kept(lo) {
+                self.put(lo, input, batch.clone());
             }
-            self.open.entry(lo).or_default().push(batch.clone());
+            return if late(lo) { batch.num_rows() } else { 0 };
+        }
+        let per_row: Vec<i64> = ts.values().iter().map(|t| self.pane_of(*t)).collect();
+        let mut panes = per_row.clone();
+        panes.sort_unstable();
+        panes.dedup();
+        let mut n_late = 0;
+        for p in panes {
+            let mask: BooleanArray = per_row.iter().map(|r| Some(*r == p)).collect();
+            if late(p) {
+                n_late += mask.true_count();
+            }
+            if kept(p) {
+                if let Ok(part) = filter_record_batch(batch, &mask) {
+                    self.put(p, input, part);
+                }
+            }
+        }
+        n_late
+    }
+
+    fn close_until(&mut self, watermark: i64) -> Vec<Closed> {
+        let mut out = Vec::new();
+        if watermark <= self.closed {
+            return out;
+        }
+        let Some(&first) = self.panes.keys().next() else {
+            self.closed = watermark;
+            return out;
+        };
+        // Window starts are multiples of the slide; start from the first window that holds
+        // the first pane and is not closed yet.
+        let mut s = first.saturating_sub(self.size - self.slide);
+        while s.saturating_add(self.size) <= self.closed {
+            s += self.slide;
+        }
+        while s.saturating_add(self.size) <= watermark {
+            let end = s + self.size;
+            let mut inputs = vec![Vec::new(); self.inputs];
+            let mut any = false;
+            for (_, per_input) in self.panes.range(s..end) {
+                for (i, batches) in per_input.iter().enumerate() {
+                    for b in batches {
+                        inputs[i].push((s, end, b.clone()));
+                        any = true;
+                    }
+                }
+            }
+            if any {
+                out.push(Closed { inputs });
+                s += self.slide;
+            } else {
+                // A quiet stretch: jump to the first window holding the next pane.
+                match self.panes.range(end..).next() {
+                    Some((&p, _)) => {
+                        s = (s + self.slide).max(p.saturating_sub(self.size - self.slide))
+                    }
+                    None => break,
+                }
+            }
+        }
+        self.closed = watermark;
+        // Panes whose last window has closed are done.
+        let size = self.size;
+        while let Some((&p, _)) = self.panes.first_key_value() {
+            if p.saturating_add(size) <= watermark {
+                self.panes.pop_first();
+            } else {
+                break;
+            }
+        }
+        out
+    }
+}
+
+/// SESSION windows of one query: per key, runs of rows closer than `gap` to each other.
+pub struct Sessions {
+    gap: i64,
+    keys: Vec<usize>,
+    converter: Option<RowConverter>,
+    open: HashMap<Box<[u8]>, Vec<Session>>,
+    /// The watermark at the last close: a row that would form a session already past it
+    /// (and joins no open one) is late.
+    closed: i64,
+}
+
+struct Session {
+    start: i64,
+    last: i64,
+    batches: Vec<RecordBatch>,
+}
+
+impl Sessions {
+    pub fn new(gap: i64, keys: Vec<usize>, schema: &SchemaRef) -> Sessions {
+        let fields = keys
+            .iter()
+            .map(|k| SortField::new(schema.field(*k).data_type().clone()))
+            .collect();
+        Sessions {
+            gap,
+            keys,
+            converter: RowConverter::new(fields).ok(),
+            open: HashMap::new(),
+            closed: i64::MIN,
+        }
+    }
+
+    fn add(&mut self, batch: &RecordBatch, et: usize) -> usize {
+        let Some(ts) = times(batch, et) else { return 0 };
+        let Some(conv) = &self.converter else {
             return 0;
+        };
+        let cols: Vec<_> = self.keys.iter().map(|k| batch.column(*k).clone()).collect();
+        let Ok(rows) = conv.convert_columns(&cols) else {
+            return 0;
+        };
+        let mut groups: HashMap<&[u8], Vec<u32>> = HashMap::new();
+        for i in 0..batch.num_rows() {
+            groups.entry(rows.row(i).data()).or_default().push(i as u32);
         }
-        let mut starts: Vec<i64> = ts.values().iter().map(|t| start_of(*t)).collect();
-        let per_row = starts.clone();
-        starts.sort_unstable();
-        starts.dedup();
+        let gap = self.gap;
         let mut late = 0;
-        for s in starts {
-            let mask: BooleanArray = per_row.iter().map(|r| Some(*r == s)).collect();
-            if s < self.closed_before {
-                late += mask.true_count();
-                continue;
+        for (key, mut idx) in groups {
+            idx.sort_by_key(|i| ts.value(*i as usize));
+            // Split the key's rows into runs no more than a gap apart.
+            let mut runs: Vec<Vec<u32>> = Vec::new();
+            for i in idx {
+                let t = ts.value(i as usize);
+                match runs.last_mut() {
+                    Some(r) if t < ts.value(*r.last().unwrap_or(&i) as usize) + gap => r.push(i),
+                    _ => runs.push(vec![i]),
+                }
             }
-            if let Ok(part) = filter_record_batch(batch, &mask) {
-                self.open.entry(s).or_default().push(part);
+            let sessions = self.open.entry(key.into()).or_default();
+            for run in runs {
+                let lo = ts.value(run[0] as usize);
+                let hi = ts.value(run[run.len() - 1] as usize);
+                let (merge, keep): (Vec<Session>, Vec<Session>) = std::mem::take(sessions)
+                    .into_iter()
+                    .partition(|s| lo < s.last + gap && s.start < hi + gap);
+                *sessions = keep;
+                if merge.is_empty() && hi.saturating_add(gap) <= self.closed {
+                    late += run.len();
+                    continue;
+                }
+                let Ok(part) = take_record_batch(batch, &UInt32Array::from(run)) else {
+                    continue;
+                };
+                let mut s = Session {
+                    start: lo,
+                    last: hi,
+                    batches: vec![part],
+                };
+                for m in merge {
+                    s.start = s.start.min(m.start);
+                    s.last = s.last.max(m.last);
+                    s.batches.extend(m.batches);
+                }
+                sessions.push(s);
             }
         }
+        self.open.retain(|_, v| !v.is_empty());
         late
     }
 
-    /// Removes and returns the windows whose end is at or before `watermark`, oldest first.
-    pub fn close_until(&mut self, watermark: i64) -> Vec<(i64, Vec<RecordBatch>)> {
-        let mut out = Vec::new();
-        while let Some((&start, _)) = self.open.first_key_value() {
-            if start.saturating_add(self.size) > watermark {
-                break;
-            }
-            if let Some((s, b)) = self.open.pop_first() {
-                out.push((s, b));
-            }
+    /// All sessions that ended by the watermark, as one execution: their rows carry their
+    /// own session's bounds.
+    fn close_until(&mut self, watermark: i64) -> Vec<Closed> {
+        let gap = self.gap;
+        let mut done: Vec<Session> = Vec::new();
+        for sessions in self.open.values_mut() {
+            let (closed, open): (Vec<Session>, Vec<Session>) = std::mem::take(sessions)
+                .into_iter()
+                .partition(|s| s.last.saturating_add(gap) <= watermark);
+            *sessions = open;
+            done.extend(closed);
         }
-        if watermark == i64::MIN {
-            return out;
+        self.open.retain(|_, v| !v.is_empty());
+        self.closed = self.closed.max(watermark);
+        if done.is_empty() {
+            return vec![];
         }
-        let first_open = watermark.div_euclid(self.size).saturating_mul(self.size);
-        // Windows whose end passed the watermark are closed even if they never saw a row.
-        let bound = if first_open.saturating_add(self.size) <= watermark {
-            first_open + self.size
-        } else {
-            first_open
-        };
-        self.closed_before = self.closed_before.max(bound);
-        out
-    }
-
-    /// Every open window, for the final flush at shutdown.
-    pub fn close_all(&mut self) -> Vec<(i64, Vec<RecordBatch>)> {
-        let out: Vec<_> = std::mem::take(&mut self.open).into_iter().collect();
-        if let Some((s, _)) = out.last() {
-            self.closed_before = self.closed_before.max(s + self.size);
-        }
-        out
+        done.sort_by_key(|s| (s.start, s.last));
+        let batches = done
+            .into_iter()
+            .flat_map(|s| {
+                let end = s.last.saturating_add(gap);
+                s.batches.into_iter().map(move |b| (s.start, end, b))
+            })
+            .collect();
+        vec![Closed {
+            inputs: vec![batches],
+        }]
     }
 }
 

@@ -1,6 +1,7 @@
-//! Compiles a [`PipelineSpec`] with DataFusion: every source and window becomes a table
-//! whose rows are supplied at execution time (a [`Slot`]), every view is registered, and
-//! every query is planned once into a physical plan that the engine re-runs per window.
+//! Compiles a [`PipelineSpec`] with DataFusion: every stream (source, presence, view over a
+//! stream) and every window input becomes a table whose rows are supplied at execution
+//! time (a [`Slot`]), reference tables are loaded, and every query is planned once into a
+//! physical plan that the engine re-runs per micro-batch or window.
 //!
 //! Planning here is also the type checker: unknown columns, bad casts and mismatched sink
 //! columns are reported with the place in the file before the engine starts.
@@ -23,11 +24,16 @@ use datafusion::sql::sqlparser::ast::{
     CreateTable, CreateTableOptions, HiveDistributionStyle, ObjectName, Statement,
 };
 
+use datafusion::logical_expr::ScalarUDF;
+
 use super::diag::{Diagnostic, Diagnostics, Loc};
 use super::parse::{
-    EVENT_TIME, PipelineSpec, QuerySpec, RECEIVED_AT, SinkKind, SinkSpec, SourceSpec, WINDOW_END,
-    WINDOW_START,
+    DEVICE_ID, EVENT_TIME, LAST_SEEN, PipelineSpec, PresenceSpec, QuerySpec, RECEIVED_AT,
+    RollingSpec, SINCE, STATUS, SinkKind, SinkSpec, SourceSpec, ViewSpec, WINDOW_END, WINDOW_START,
+    WindowKind, WindowSpec,
 };
+pub use super::reference::Reference;
+use crate::functions::rolling::Rolling;
 
 /// The timestamp type of every engine-made time column: epoch milliseconds, UTC.
 pub fn ts_type() -> DataType {
@@ -95,37 +101,47 @@ pub struct CompiledSource {
     /// What queries and the raw table see: topic captures, payload, event_time, received_at.
     pub row_schema: SchemaRef,
     pub event_time: EventTime,
-    /// Micro-batch input for queries that read the source without a window.
-    pub slot: Arc<Slot>,
 }
 
+/// A stream of rows that queries read: a source, the presence stream, or a view over a
+/// stream. Rows reach a stream's [`Slot`] one micro-batch at a time.
 #[derive(Debug)]
-pub struct CompiledWindow {
-    pub source: usize,
-    pub size_ms: i64,
-    pub slot: Arc<Slot>,
-    /// Source row schema plus window_start and window_end.
+pub struct Stream {
+    pub name: String,
     pub schema: SchemaRef,
+    pub slot: Arc<Slot>,
+    /// Index of the `event_time` column, when the stream has one (windows need it).
+    pub event_time: Option<usize>,
+    /// The source (or presence) stream whose watermark this stream follows.
+    pub root: usize,
+    pub kind: StreamKind,
 }
 
 #[derive(Debug)]
-pub struct CompiledQuery {
-    pub spec: QuerySpec,
-    pub logical: LogicalPlan,
-    pub plan: Arc<dyn ExecutionPlan>,
-    pub sink: usize,
-    /// Sources read directly, as micro-batches (empty for windowed queries).
-    pub inputs: Vec<usize>,
-    pub window: Option<CompiledWindow>,
+pub enum StreamKind {
+    Source(usize),
+    Presence,
+    /// Computed from `input`'s micro-batches by `plan`, once for all its readers.
+    View {
+        plan: Plan,
+        input: usize,
+    },
 }
 
-impl CompiledQuery {
+/// A planned query: the logical plan, and the physical plan built once and re-run.
+#[derive(Debug)]
+pub struct Plan {
+    pub logical: LogicalPlan,
+    pub physical: Arc<dyn ExecutionPlan>,
+}
+
+impl Plan {
     /// Runs the cached physical plan over whatever its slots hold now.
     pub async fn execute(
         &self,
         task_ctx: Arc<TaskContext>,
     ) -> datafusion::error::Result<Vec<RecordBatch>> {
-        let plan = reset_plan_states(self.plan.clone())?;
+        let plan = reset_plan_states(self.physical.clone())?;
         collect(plan, task_ctx).await
     }
 
@@ -141,6 +157,50 @@ impl CompiledQuery {
     }
 }
 
+/// One input of a windowed query: a stream's closed windows, with `window_start` and
+/// `window_end` added.
+#[derive(Debug)]
+pub struct WindowTable {
+    pub stream: usize,
+    pub slot: Arc<Slot>,
+    pub schema: SchemaRef,
+}
+
+#[derive(Debug)]
+pub struct CompiledWindow {
+    pub kind: WindowKind,
+    /// One per window function in the query: two for a window join.
+    pub inputs: Vec<WindowTable>,
+    /// SESSION: the key columns' indices in the (single) input stream.
+    pub session_keys: Vec<usize>,
+}
+
+#[derive(Debug)]
+pub struct CompiledQuery {
+    pub spec: QuerySpec,
+    pub plan: Plan,
+    pub sink: usize,
+    /// The stream read as micro-batches, for a query without a window.
+    pub input: Option<usize>,
+    pub window: Option<CompiledWindow>,
+}
+
+impl CompiledQuery {
+    pub async fn execute(
+        &self,
+        task_ctx: Arc<TaskContext>,
+    ) -> datafusion::error::Result<Vec<RecordBatch>> {
+        self.plan.execute(task_ctx).await
+    }
+
+    pub async fn execute_replanned(
+        &self,
+        ctx: &SessionContext,
+    ) -> datafusion::error::Result<Vec<RecordBatch>> {
+        self.plan.execute_replanned(ctx).await
+    }
+}
+
 #[derive(Debug)]
 pub struct CompiledSink {
     pub spec: SinkSpec,
@@ -152,8 +212,18 @@ pub struct CompiledSink {
 pub struct CompiledPipeline {
     pub ctx: SessionContext,
     pub sources: Vec<CompiledSource>,
+    /// Sources first (same index), then presence, then views over streams.
+    pub streams: Vec<Stream>,
+    pub presence: Option<(PresenceSpec, usize)>,
+    pub references: Vec<Reference>,
     pub sinks: Vec<CompiledSink>,
     pub queries: Vec<CompiledQuery>,
+}
+
+impl CompiledPipeline {
+    pub fn stream(&self, name: &str) -> Option<usize> {
+        self.streams.iter().position(|s| s.name == name)
+    }
 }
 
 /// The session every pipeline's plans run in.
@@ -170,6 +240,35 @@ pub fn session() -> SessionContext {
     SessionContext::new_with_config(config)
 }
 
+/// The presence stream's columns.
+pub fn presence_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new(DEVICE_ID, DataType::Utf8, false),
+        Field::new(STATUS, DataType::Utf8, false),
+        Field::new(SINCE, ts_type(), false),
+        Field::new(LAST_SEEN, ts_type(), false),
+        Field::new(EVENT_TIME, ts_type(), false),
+    ]))
+}
+
+fn register_stream(ctx: &SessionContext, s: &Stream, loc: &Loc) -> Result<(), Diagnostic> {
+    let table = StreamingTable::try_new(
+        s.schema.clone(),
+        vec![s.slot.clone() as Arc<dyn PartitionStream>],
+    )
+    .map_err(|e| loc.error(e.to_string()))?;
+    ctx.register_table(s.name.as_str(), Arc::new(table))
+        .map_err(|e| loc.error(e.to_string()))?;
+    Ok(())
+}
+
+fn event_time_index(schema: &Schema) -> Option<usize> {
+    schema
+        .index_of(EVENT_TIME)
+        .ok()
+        .filter(|i| schema.field(*i).data_type() == &ts_type())
+}
+
 pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics> {
     let ctx = session();
     let mut errors = Vec::new();
@@ -184,38 +283,65 @@ pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics
     if !errors.is_empty() {
         return Err(Diagnostics(errors));
     }
-    for c in &sources {
-        let table = StreamingTable::try_new(
-            c.row_schema.clone(),
-            vec![c.slot.clone() as Arc<dyn PartitionStream>],
-        )
-        .map_err(|e| Diagnostics(vec![c.spec.loc.error(e.to_string())]))?;
-        ctx.register_table(c.spec.name.as_str(), Arc::new(table))
-            .map_err(|e| Diagnostics(vec![c.spec.loc.error(e.to_string())]))?;
+    let mut streams: Vec<Stream> = Vec::new();
+    for (i, c) in sources.iter().enumerate() {
+        streams.push(Stream {
+            name: c.spec.name.clone(),
+            schema: c.row_schema.clone(),
+            slot: Slot::new(c.row_schema.clone()),
+            event_time: event_time_index(&c.row_schema),
+            root: i,
+            kind: StreamKind::Source(i),
+        });
+    }
+    let presence = spec.presence.clone().map(|p| {
+        let schema = presence_schema();
+        let index = streams.len();
+        streams.push(Stream {
+            name: p.name.clone(),
+            slot: Slot::new(schema.clone()),
+            event_time: event_time_index(&schema),
+            schema,
+            root: index,
+            kind: StreamKind::Presence,
+        });
+        (p, index)
+    });
+    for s in &streams {
+        let loc = match &s.kind {
+            StreamKind::Source(i) => &sources[*i].spec.loc,
+            _ => match &presence {
+                Some((p, _)) => &p.loc,
+                None => continue,
+            },
+        };
+        register_stream(&ctx, s, loc).map_err(Diagnostics::from)?;
+    }
+
+    let mut references = Vec::new();
+    for r in &spec.references {
+        match Reference::open(&ctx, r).await {
+            Ok(reference) => references.push(reference),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics(errors));
     }
 
     for v in &spec.views {
-        let r = async {
-            let plan = ctx
-                .state()
-                .statement_to_plan(DfStatement::Statement(Box::new(v.statement.clone())))
-                .await?;
-            ctx.execute_logical_plan(plan).await?;
-            Ok::<_, DataFusionError>(())
-        }
-        .await;
-        if let Err(e) = r {
-            errors.push(df_error(&v.loc, &e));
+        if let Err(e) = compile_view(&ctx, v, &mut streams).await {
+            errors.push(e);
         }
     }
 
     let mut sink_schemas: Vec<Option<(SchemaRef, Loc)>> = vec![None; spec.sinks.len()];
     let mut queries = Vec::new();
     for q in &spec.queries {
-        match compile_query(&ctx, &spec, &sources, q).await {
+        match compile_query(&ctx, &spec, &streams, q).await {
             Ok(cq) => {
                 let sink = &spec.sinks[cq.sink];
-                let out = nullable(cq.logical.schema().as_arrow());
+                let out = nullable(cq.plan.logical.schema().as_arrow());
                 if let Err(e) = check_sink(sink, &out, q, &sink_schemas[cq.sink]) {
                     errors.push(e);
                 } else if sink_schemas[cq.sink].is_none() {
@@ -250,6 +376,9 @@ pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics
     Ok(CompiledPipeline {
         ctx,
         sources,
+        streams,
+        presence,
+        references,
         sinks,
         queries,
     })
@@ -291,14 +420,13 @@ async fn compile_source(
     Ok(CompiledSource {
         spec: s.clone(),
         payload_schema: payload,
-        slot: Slot::new(row_schema.clone()),
         row_schema,
         event_time,
     })
 }
 
 /// Turns declared columns into an Arrow schema with DataFusion's own SQL type mapping.
-async fn declared_schema(
+pub(crate) async fn declared_schema(
     ctx: &SessionContext,
     name: &str,
     columns: &[datafusion::sql::sqlparser::ast::ColumnDef],
@@ -334,10 +462,110 @@ fn empty_create_table() -> CreateTable {
     }
 }
 
+/// Registers the functions behind frames over past windows, one instance per use.
+fn register_rolling(ctx: &SessionContext, rolling: &[RollingSpec]) {
+    for r in rolling {
+        ctx.register_udf(ScalarUDF::new_from_impl(Rolling::new(
+            &r.udf, r.func, r.frame,
+        )));
+    }
+}
+
+/// Plans a SELECT and reports errors at their place in the file.
+async fn plan_query(
+    ctx: &SessionContext,
+    query: &datafusion::sql::sqlparser::ast::Query,
+    loc: &Loc,
+) -> Result<Plan, Diagnostic> {
+    let stmt = DfStatement::Statement(Box::new(Statement::Query(Box::new(query.clone()))));
+    let state = ctx.state();
+    let located = |e: DataFusionError| {
+        let mut d = df_error(loc, &e);
+        if d.line == loc.line && d.column == loc.column {
+            if let Some(span) = unknown_column_span(query, &d.message) {
+                d.line = span.start.line;
+                d.column = span.start.column;
+            }
+        }
+        d
+    };
+    let logical = state.statement_to_plan(stmt).await.map_err(located)?;
+    let logical = state.optimize(&logical).map_err(located)?;
+    let physical = state
+        .create_physical_plan(&logical)
+        .await
+        .map_err(located)?;
+    Ok(Plan { logical, physical })
+}
+
+/// The streams a plan scans, by index.
+fn scanned_streams(plan: &LogicalPlan, streams: &[Stream]) -> Vec<usize> {
+    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+    let mut scanned = Vec::new();
+    let _ = plan.apply(|node| {
+        if let LogicalPlan::TableScan(scan) = node {
+            scanned.push(scan.table_name.table().to_string());
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    streams
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| scanned.iter().any(|t| *t == s.name))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+/// A view over one stream becomes a stream of its own; a view over reference tables only
+/// is an ordinary view.
+async fn compile_view(
+    ctx: &SessionContext,
+    v: &ViewSpec,
+    streams: &mut Vec<Stream>,
+) -> Result<(), Diagnostic> {
+    register_rolling(ctx, &v.rolling);
+    let plan = plan_query(ctx, &v.query, &v.loc).await?;
+    let inputs = scanned_streams(&plan.logical, streams);
+    match inputs.as_slice() {
+        [] => {
+            let view = datafusion::catalog::view::ViewTable::new(plan.logical, None);
+            ctx.register_table(v.name.as_str(), Arc::new(view))
+                .map_err(|e| v.loc.error(e.to_string()))?;
+            Ok(())
+        }
+        [input] => {
+            let schema = Arc::new(plan.logical.schema().as_arrow().clone());
+            let stream = Stream {
+                name: v.name.clone(),
+                slot: Slot::new(schema.clone()),
+                event_time: event_time_index(&schema),
+                schema,
+                root: streams[*input].root,
+                kind: StreamKind::View {
+                    plan,
+                    input: *input,
+                },
+            };
+            register_stream(ctx, &stream, &v.loc)?;
+            streams.push(stream);
+            Ok(())
+        }
+        _ => Err(v.loc.error(format!(
+            "view `{}` reads {} streams; a view reads one stream (join streams inside a window: FROM TUMBLE(a, ...) JOIN TUMBLE(b, ...))",
+            v.name,
+            inputs
+                .iter()
+                .map(|i| format!("`{}`", streams[*i].name))
+                .collect::<Vec<_>>()
+                .join(" and ")
+        ))),
+    }
+}
+
 async fn compile_query(
     ctx: &SessionContext,
     spec: &PipelineSpec,
-    sources: &[CompiledSource],
+    streams: &[Stream],
     q: &QuerySpec,
 ) -> Result<CompiledQuery, Diagnostic> {
     let sink = spec
@@ -347,91 +575,97 @@ async fn compile_query(
         .ok_or_else(|| q.loc.error(format!("unknown sink `{}`", q.sink)))?;
     let window = match &q.window {
         None => None,
-        Some(w) => {
-            let source = sources
-                .iter()
-                .position(|s| s.spec.name == w.source)
-                .ok_or_else(|| w.loc.error(format!("`{}` is not a source", w.source)))?;
-            let mut fields: Vec<Field> = sources[source]
-                .row_schema
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone())
-                .collect();
-            fields.push(Field::new(WINDOW_START, ts_type(), false));
-            fields.push(Field::new(WINDOW_END, ts_type(), false));
-            let schema = Arc::new(Schema::new(fields));
-            let slot = Slot::new(schema.clone());
-            let table = StreamingTable::try_new(
-                schema.clone(),
-                vec![slot.clone() as Arc<dyn PartitionStream>],
-            )
-            .map_err(|e| w.loc.error(e.to_string()))?;
-            ctx.register_table(w.table.as_str(), Arc::new(table))
-                .map_err(|e| w.loc.error(e.to_string()))?;
-            Some(CompiledWindow {
-                source,
-                size_ms: w.size.as_millis() as i64,
-                slot,
-                schema,
-            })
-        }
+        Some(w) => Some(compile_window(ctx, streams, w)?),
     };
-    let stmt = DfStatement::Statement(Box::new(Statement::Query(q.query.clone())));
-    let state = ctx.state();
-    let located = |e: DataFusionError| {
-        let mut d = df_error(&q.loc, &e);
-        if d.line == q.loc.line && d.column == q.loc.column {
-            if let Some(span) = unknown_column_span(&q.query, &d.message) {
-                d.line = span.start.line;
-                d.column = span.start.column;
-            }
-        }
-        d
-    };
-    let logical = state.statement_to_plan(stmt).await.map_err(located)?;
-    let logical = state.optimize(&logical).map_err(located)?;
-    let plan = state
-        .create_physical_plan(&logical)
-        .await
-        .map_err(located)?;
-
-    let mut scanned = Vec::new();
-    use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
-    let _ = logical.apply(|node| {
-        if let LogicalPlan::TableScan(scan) = node {
-            scanned.push(scan.table_name.table().to_string());
-        }
-        Ok(TreeNodeRecursion::Continue)
-    });
-    let inputs: Vec<usize> = sources
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| scanned.iter().any(|t| *t == s.spec.name))
-        .map(|(i, _)| i)
-        .collect();
+    register_rolling(ctx, &q.rolling);
+    let plan = plan_query(ctx, &q.query, &q.loc).await?;
+    let inputs = scanned_streams(&plan.logical, streams);
     if window.is_some() && !inputs.is_empty() {
-        return Err(q.loc.error(
-            "a windowed query cannot also read a source directly; join windows of the same source through one TUMBLE",
-        ));
+        return Err(q.loc.error(format!(
+            "a windowed query cannot also read `{}` row by row; read it through a window too",
+            streams[inputs[0]].name
+        )));
     }
     if window.is_none() && inputs.is_empty() {
         return Err(q
             .loc
-            .error("the query reads no source: nothing would ever run it"));
+            .error("the query reads no source or view: nothing would ever run it"));
     }
     if inputs.len() > 1 {
         return Err(q.loc.error(
-            "a query without a window reads one source; windows join streams (one TUMBLE per query for now)",
+            "a query without a window reads one stream; join streams inside a window: FROM TUMBLE(a, ...) JOIN TUMBLE(b, ...)",
         ));
     }
     Ok(CompiledQuery {
         spec: q.clone(),
-        logical,
         plan,
         sink,
-        inputs,
+        input: inputs.first().copied(),
         window,
+    })
+}
+
+fn compile_window(
+    ctx: &SessionContext,
+    streams: &[Stream],
+    w: &WindowSpec,
+) -> Result<CompiledWindow, Diagnostic> {
+    let mut inputs = Vec::new();
+    let mut session_keys = Vec::new();
+    for input in &w.inputs {
+        let stream = streams
+            .iter()
+            .position(|s| s.name == input.stream)
+            .ok_or_else(|| {
+                input.loc.error(format!(
+                    "`{}` is not a stream: windows run over sources and views of sources",
+                    input.stream
+                ))
+            })?;
+        let s = &streams[stream];
+        if s.event_time.is_none() {
+            return Err(input.loc.error(format!(
+                "`{}` has no `{EVENT_TIME}` column (TIMESTAMP in UTC milliseconds): select it in the view to window it",
+                s.name
+            )));
+        }
+        if let WindowKind::Session { keys, .. } = &w.kind {
+            for k in keys {
+                let i = s.schema.index_of(k).map_err(|_| {
+                    input
+                        .loc
+                        .error(format!("session key `{k}` is not a column of `{}`", s.name))
+                })?;
+                session_keys.push(i);
+            }
+        }
+        let mut fields: Vec<Field> = s
+            .schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone())
+            .collect();
+        fields.push(Field::new(WINDOW_START, ts_type(), false));
+        fields.push(Field::new(WINDOW_END, ts_type(), false));
+        let schema = Arc::new(Schema::new(fields));
+        let slot = Slot::new(schema.clone());
+        let table = StreamingTable::try_new(
+            schema.clone(),
+            vec![slot.clone() as Arc<dyn PartitionStream>],
+        )
+        .map_err(|e| input.loc.error(e.to_string()))?;
+        ctx.register_table(input.table.as_str(), Arc::new(table))
+            .map_err(|e| input.loc.error(e.to_string()))?;
+        inputs.push(WindowTable {
+            stream,
+            slot,
+            schema,
+        });
+    }
+    Ok(CompiledWindow {
+        kind: w.kind.clone(),
+        inputs,
+        session_keys,
     })
 }
 

@@ -12,23 +12,31 @@
 //!
 //! Windows are table functions in `FROM`, as in RisingWave and Flink:
 //! `FROM TUMBLE(telemetry, event_time, INTERVAL '10 seconds')`, which adds `window_start`
-//! and `window_end` columns. Each is rewritten here to a per-query table that the engine
-//! fills with one closed window's rows at a time.
+//! and `window_end` columns; [`super::rewrite`] turns them (and frames that span windows)
+//! into plain SQL.
+//!
+//! Besides MQTT sources and sinks, a pipeline declares reference tables read from CSV or
+//! Parquet files (`connector = 'file'`), a presence stream (`connector = 'presence'`), and
+//! views: a view over a stream is itself a stream, computed once per batch of rows and
+//! shared by every query that reads it.
 
 use std::collections::HashMap;
-use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::path::PathBuf;
+
 use datafusion::sql::sqlparser::ast::{
-    ColumnDef, CreateTableOptions, Expr, FunctionArg, FunctionArgExpr, Ident, ObjectName, Query,
-    SqlOption, Statement, TableAlias, TableFactor, TableObject, Value, VisitMut, VisitorMut,
+    ColumnDef, CreateTableOptions, Expr, ObjectName, Query, SqlOption, Statement, TableObject,
+    Value,
 };
 use datafusion::sql::sqlparser::dialect::GenericDialect;
 use datafusion::sql::sqlparser::parser::Parser;
 use datafusion::sql::sqlparser::tokenizer::Span;
 
 use super::diag::{Diagnostic, Diagnostics, Loc, SourceFile};
+pub use super::rewrite::{Frame, RollingFn, RollingSpec, WindowInput, WindowKind, WindowSpec};
+use super::rewrite::{has_window, rewrite_rolling, rewrite_windows};
 use super::topic::TopicPattern;
 use crate::time::parse_duration;
 
@@ -38,13 +46,45 @@ pub const RECEIVED_AT: &str = "received_at";
 pub const DEVICE_ID: &str = "device_id";
 pub const WINDOW_START: &str = "window_start";
 pub const WINDOW_END: &str = "window_end";
+/// Columns of the presence stream.
+pub const STATUS: &str = "status";
+pub const SINCE: &str = "since";
+pub const LAST_SEEN: &str = "last_seen";
 
 #[derive(Debug, Clone, Default)]
 pub struct PipelineSpec {
     pub sources: Vec<SourceSpec>,
     pub sinks: Vec<SinkSpec>,
+    pub references: Vec<ReferenceSpec>,
+    pub presence: Option<PresenceSpec>,
     pub views: Vec<ViewSpec>,
     pub queries: Vec<QuerySpec>,
+}
+
+/// A static table read from a file, joinable in queries and reloaded when the file changes.
+#[derive(Debug, Clone)]
+pub struct ReferenceSpec {
+    pub name: String,
+    /// Resolved against the pipeline file's folder when relative.
+    pub path: PathBuf,
+    pub format: FileFormat,
+    pub columns: Vec<ColumnDef>,
+    pub loc: Loc,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileFormat {
+    Csv { header: bool, delimiter: u8 },
+    Parquet,
+}
+
+/// The stream of devices' status changes: online when a device's first reading arrives,
+/// offline when it has been silent for `timeout`.
+#[derive(Debug, Clone)]
+pub struct PresenceSpec {
+    pub name: String,
+    pub timeout: Duration,
+    pub loc: Loc,
 }
 
 #[derive(Debug, Clone)]
@@ -83,7 +123,9 @@ pub struct SinkSpec {
 #[derive(Debug, Clone)]
 pub struct ViewSpec {
     pub name: String,
-    pub statement: Statement,
+    /// The view's SELECT, with frames over past rows already rewritten.
+    pub query: Box<Query>,
+    pub rolling: Vec<RollingSpec>,
     pub loc: Loc,
 }
 
@@ -92,18 +134,10 @@ pub struct QuerySpec {
     /// `<sink>` or `<sink>#<n>` when several queries feed one sink; used in metrics.
     pub name: String,
     pub sink: String,
-    /// The SELECT, with any window function already rewritten to `window_table`.
+    /// The SELECT, with window functions and frames over past windows already rewritten.
     pub query: Box<Query>,
     pub window: Option<WindowSpec>,
-    pub loc: Loc,
-}
-
-#[derive(Debug, Clone)]
-pub struct WindowSpec {
-    pub source: String,
-    pub size: Duration,
-    /// The table the engine registers for this query's closed windows.
-    pub table: String,
+    pub rolling: Vec<RollingSpec>,
     pub loc: Loc,
 }
 
@@ -118,7 +152,9 @@ const SOURCE_OPTIONS: &[&str] = &[
 ];
 const MQTT_SINK_OPTIONS: &[&str] = &["connector", "type", "topic", "qos", "retain"];
 const PARQUET_SINK_OPTIONS: &[&str] = &["connector", "type"];
-const CONNECTORS: &[&str] = &["mqtt", "parquet"];
+const FILE_OPTIONS: &[&str] = &["connector", "type", "path", "format", "header", "delimiter"];
+const PRESENCE_OPTIONS: &[&str] = &["connector", "type", "timeout"];
+const CONNECTORS: &[&str] = &["mqtt", "parquet", "file", "presence"];
 
 /// Parses one or more pipeline files into one pipeline; names are global across files.
 pub fn parse_files(files: &[Arc<SourceFile>]) -> Result<PipelineSpec, Diagnostics> {
@@ -197,16 +233,19 @@ impl Parsed {
                 };
                 let mut opts = Options::new(file, &options, &loc)?;
                 let (connector, cloc) = opts.require("connector", CONNECTORS)?;
+                let mut fixed_type = |t: &str, what: &str| -> Result<String, Diagnostic> {
+                    if let Some((v, vloc)) = opts.take("type") {
+                        if !v.eq_ignore_ascii_case(t) {
+                            return Err(vloc.error(format!("{what}: type = '{t}'")));
+                        }
+                    }
+                    Ok(t.to_string())
+                };
                 let kind = match connector.as_str() {
                     "mqtt" => opts.require("type", &["source", "sink"])?.0,
-                    "parquet" => {
-                        if let Some((t, tloc)) = opts.take("type") {
-                            if t != "sink" {
-                                return Err(tloc.error("a parquet table is a sink: type = 'sink'"));
-                            }
-                        }
-                        "sink".to_string()
-                    }
+                    "parquet" => fixed_type("sink", "a parquet table is a sink")?,
+                    "file" => fixed_type("reference", "a file table is reference data")?,
+                    "presence" => fixed_type("source", "the presence table is a source")?,
                     other => {
                         return Err(cloc
                             .error(format!("unknown connector `{other}`"))
@@ -214,7 +253,28 @@ impl Parsed {
                     }
                 };
                 self.declare(&name, &loc)?;
-                if kind == "source" {
+                if connector == "file" {
+                    let r = reference(file, name, ct.columns, opts, loc)?;
+                    self.spec.references.push(r);
+                } else if connector == "presence" {
+                    if let Some(p) = &self.spec.presence {
+                        return Err(loc.error(format!(
+                            "the pipeline already has a presence table, `{}`",
+                            p.name
+                        )));
+                    }
+                    if !ct.columns.is_empty() {
+                        return Err(loc.error(format!(
+                            "the presence table's columns are fixed ({DEVICE_ID}, {STATUS}, {SINCE}, {LAST_SEEN}, {EVENT_TIME}); declare none"
+                        )));
+                    }
+                    let timeout = match opts.take("timeout") {
+                        Some((t, l)) => parse_duration(&t).map_err(|e| l.error(e))?,
+                        None => Duration::from_secs(60),
+                    };
+                    opts.finish(PRESENCE_OPTIONS, "a presence table")?;
+                    self.spec.presence = Some(PresenceSpec { name, timeout, loc });
+                } else if kind == "source" {
                     let source = self.source(name, ct.columns, opts, loc)?;
                     self.spec.sources.push(source);
                 } else {
@@ -223,13 +283,16 @@ impl Parsed {
                 }
                 Ok(())
             }
-            Statement::CreateView(ref cv) => {
+            Statement::CreateView(cv) => {
                 let name = object_name(&cv.name);
                 self.declare(&name, &loc)?;
                 if has_window(&cv.query) {
-                    return Err(loc.error("windows belong in the query that reads the view (INSERT INTO ... SELECT ... FROM TUMBLE(...)), not in a view"));
+                    return Err(loc.error("windows belong in the query that reads the view (INSERT INTO ... SELECT ... FROM TUMBLE(view, ...)), not in a view"));
                 }
-                self.spec.views.push(ViewSpec { name, statement: stmt, loc });
+                let mut query = cv.query;
+                let owner = format!("v{}", self.spec.views.len());
+                let rolling = rewrite_rolling(file, &mut query, &owner, false)?;
+                self.spec.views.push(ViewSpec { name, query, rolling, loc });
                 Ok(())
             }
             Statement::Insert(ins) => {
@@ -245,7 +308,9 @@ impl Parsed {
                 let name = if *n == 1 { sink.clone() } else { format!("{sink}#{n}") };
                 let index = self.spec.queries.len();
                 let window = rewrite_windows(file, &mut query, index)?;
-                self.spec.queries.push(QuerySpec { name, sink, query, window, loc });
+                let rolling =
+                    rewrite_rolling(file, &mut query, &format!("q{index}"), window.is_some())?;
+                self.spec.queries.push(QuerySpec { name, sink, query, window, rolling, loc });
                 Ok(())
             }
             other => Err(loc.error(format!(
@@ -278,6 +343,10 @@ impl Parsed {
         }
         let event_time = opts.take("event_time");
         let watermark_delay = match opts.take("watermark_delay") {
+            // Zero is a legitimate choice: readings arrive in order.
+            Some((t, _)) if t.trim().trim_end_matches(['s', 'm', 'h']).trim() == "0" => {
+                Duration::ZERO
+            }
             Some((t, l)) => parse_duration(&t).map_err(|e| l.error(e))?,
             None => Duration::from_secs(1),
         };
@@ -323,6 +392,7 @@ impl Parsed {
     fn finish(self) -> Result<PipelineSpec, Diagnostics> {
         let mut errors = self.errors;
         let spec = self.spec;
+        let names = self.names;
         // Cross-statement checks.
         for q in &spec.queries {
             if !spec.sinks.iter().any(|s| s.name == q.sink) {
@@ -333,11 +403,18 @@ impl Parsed {
                 };
                 errors.push(q.loc.error(what).with_help("declare it with CREATE TABLE ... WITH (connector = 'mqtt', type = 'sink', ...) or (connector = 'parquet')"));
             }
-            if let Some(w) = &q.window {
-                if !spec.sources.iter().any(|s| s.name == w.source) {
+            for w in q.window.iter().flat_map(|w| &w.inputs) {
+                let is_stream = spec.sources.iter().any(|s| s.name == w.stream)
+                    || spec.views.iter().any(|v| v.name == w.stream)
+                    || spec.presence.as_ref().is_some_and(|p| p.name == w.stream);
+                // A name declared by a statement that failed already has its error.
+                let failed = names.contains_key(&w.stream)
+                    && !spec.sinks.iter().any(|s| s.name == w.stream)
+                    && !spec.references.iter().any(|r| r.name == w.stream);
+                if !is_stream && !failed {
                     errors.push(w.loc.error(format!(
-                        "`{}` is not a source: windows run over sources",
-                        w.source
+                        "`{}` is not a source or view: windows run over streams",
+                        w.stream
                     )));
                 }
             }
@@ -384,6 +461,74 @@ fn sink(
     Ok(SinkSpec {
         name,
         kind,
+        columns,
+        loc,
+    })
+}
+
+fn reference(
+    file: &Arc<SourceFile>,
+    name: String,
+    columns: Vec<ColumnDef>,
+    mut opts: Options,
+    loc: Loc,
+) -> Result<ReferenceSpec, Diagnostic> {
+    let (path_text, ploc) = opts.require_any("path")?;
+    let mut path = PathBuf::from(&path_text);
+    if path.is_relative() {
+        if let Some(dir) = file.path.parent() {
+            path = dir.join(path);
+        }
+    }
+    let by_extension = match path.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("parquet") => Some("parquet"),
+        Some(e) if e.eq_ignore_ascii_case("csv") => Some("csv"),
+        _ => None,
+    };
+    let format = match opts.take("format") {
+        Some((f, floc)) => match f.to_ascii_lowercase().as_str() {
+            "csv" => "csv",
+            "parquet" => "parquet",
+            _ => {
+                return Err(floc
+                    .error(format!("unknown format `{f}`"))
+                    .with_help("valid formats: csv, parquet"));
+            }
+        },
+        None => by_extension.ok_or_else(|| {
+            ploc.error(format!(
+                "cannot tell the format of `{path_text}` from its name"
+            ))
+            .with_help("add format = 'csv' or format = 'parquet'")
+        })?,
+    };
+    let format = if format == "csv" {
+        let header = match opts.take("header") {
+            None => true,
+            Some((v, l)) => parse_bool(&v)
+                .ok_or_else(|| l.error(format!("header must be true or false, not `{v}`")))?,
+        };
+        let delimiter = match opts.take("delimiter") {
+            None => b',',
+            Some((v, _)) if v.len() == 1 => v.as_bytes()[0],
+            Some((v, l)) => {
+                return Err(l.error(format!("delimiter must be one character, not `{v}`")));
+            }
+        };
+        if columns.is_empty() {
+            return Err(loc
+                .error(format!("reference table `{name}` reads CSV: declare its columns and types"))
+                .with_help(format!("e.g. CREATE TABLE {name} (device_id VARCHAR, site VARCHAR) WITH (connector = 'file', path = '{path_text}')")));
+        }
+        FileFormat::Csv { header, delimiter }
+    } else {
+        FileFormat::Parquet
+    };
+    opts.finish(FILE_OPTIONS, "a file table")?;
+    Ok(ReferenceSpec {
+        name,
+        path,
+        format,
         columns,
         loc,
     })
@@ -541,176 +686,4 @@ fn parser_error(file: &Arc<SourceFile>, message: &str) -> Diagnostic {
         column,
     }
     .error(format!("syntax error: {msg}"))
-}
-
-fn is_window_fn(name: &ObjectName) -> bool {
-    matches!(object_name(name).to_ascii_lowercase().as_str(), "tumble")
-}
-
-fn has_window(q: &Query) -> bool {
-    let mut q = q.clone();
-    struct Finder(bool);
-    impl VisitorMut for Finder {
-        type Break = ();
-        fn pre_visit_table_factor(&mut self, t: &mut TableFactor) -> ControlFlow<()> {
-            if let TableFactor::Table {
-                name,
-                args: Some(_),
-                ..
-            } = t
-            {
-                if is_window_fn(name) {
-                    self.0 = true;
-                }
-            }
-            ControlFlow::Continue(())
-        }
-    }
-    let mut f = Finder(false);
-    let _ = q.visit(&mut f);
-    f.0
-}
-
-/// Finds `TUMBLE(source, [event_time,] INTERVAL '...')` in the query's FROM clauses and
-/// replaces it with the query's window table, aliased as the source so `telemetry.light`
-/// keeps working.
-fn rewrite_windows(
-    file: &Arc<SourceFile>,
-    query: &mut Query,
-    index: usize,
-) -> Result<Option<WindowSpec>, Diagnostic> {
-    struct Rewriter<'a> {
-        file: &'a Arc<SourceFile>,
-        table: String,
-        found: Option<WindowSpec>,
-        error: Option<Diagnostic>,
-    }
-    impl VisitorMut for Rewriter<'_> {
-        type Break = ();
-        fn pre_visit_table_factor(&mut self, t: &mut TableFactor) -> ControlFlow<()> {
-            let TableFactor::Table {
-                name,
-                args: Some(args),
-                alias,
-                ..
-            } = t
-            else {
-                return ControlFlow::Continue(());
-            };
-            if !is_window_fn(name) {
-                return ControlFlow::Continue(());
-            }
-            let loc = Loc::at(self.file, ident_span(name).unwrap_or(Span::empty()));
-            if self.found.is_some() {
-                self.error = Some(loc.error(
-                    "one window per query: join windowed streams in separate queries for now",
-                ));
-                return ControlFlow::Break(());
-            }
-            match window_args(&args.args, &loc) {
-                Ok((source, size)) => {
-                    if alias.is_none() {
-                        *alias = Some(TableAlias {
-                            explicit: true,
-                            name: Ident::new(&source),
-                            columns: vec![],
-                            at: None,
-                        });
-                    }
-                    *name = ObjectName::from(vec![Ident::new(&self.table)]);
-                    self.found = Some(WindowSpec {
-                        source,
-                        size,
-                        table: self.table.clone(),
-                        loc,
-                    });
-                    // The rewritten factor takes no arguments.
-                    if let TableFactor::Table { args, .. } = t {
-                        *args = None;
-                    }
-                    ControlFlow::Continue(())
-                }
-                Err(e) => {
-                    self.error = Some(e);
-                    ControlFlow::Break(())
-                }
-            }
-        }
-    }
-    let mut r = Rewriter {
-        file,
-        table: format!("__window_{index}"),
-        found: None,
-        error: None,
-    };
-    let _ = query.visit(&mut r);
-    match r.error {
-        Some(e) => Err(e),
-        None => Ok(r.found),
-    }
-}
-
-fn window_args(args: &[FunctionArg], loc: &Loc) -> Result<(String, Duration), Diagnostic> {
-    let usage = "write TUMBLE(source, event_time, INTERVAL '10 seconds')";
-    let exprs: Vec<&Expr> = args
-        .iter()
-        .map(|a| match a {
-            FunctionArg::Unnamed(FunctionArgExpr::Expr(e)) => Ok(e),
-            _ => Err(loc.error("TUMBLE takes plain arguments").with_help(usage)),
-        })
-        .collect::<Result<_, _>>()?;
-    let (source, time, size) = match exprs.as_slice() {
-        [s, size] => (*s, None, *size),
-        [s, t, size] => (*s, Some(*t), *size),
-        _ => {
-            return Err(loc
-                .error("TUMBLE takes a source, its time column and a size")
-                .with_help(usage));
-        }
-    };
-    let Expr::Identifier(source) = source else {
-        return Err(loc
-            .error(format!(
-                "TUMBLE's first argument must name a source, not `{source}`"
-            ))
-            .with_help(usage));
-    };
-    if let Some(t) = time {
-        let ok = matches!(t, Expr::Identifier(i) if i.value == EVENT_TIME);
-        if !ok {
-            return Err(loc
-                .error(format!("windows run on the source's `{EVENT_TIME}` column, not `{t}`"))
-                .with_help("declare which payload field is the event time with the source option event_time = '<field>'"));
-        }
-    }
-    let text = match size {
-        Expr::Interval(iv) => {
-            let v = match iv.value.as_ref() {
-                Expr::Value(v) => match &v.value {
-                    Value::SingleQuotedString(s) => s.clone(),
-                    Value::Number(n, _) => n.clone(),
-                    other => other.to_string(),
-                },
-                other => other.to_string(),
-            };
-            match &iv.leading_field {
-                Some(f) => format!("{v} {f}"),
-                None => v,
-            }
-        }
-        Expr::Value(v) => match &v.value {
-            Value::SingleQuotedString(s) => s.clone(),
-            other => other.to_string(),
-        },
-        other => {
-            return Err(loc
-                .error(format!("window size must be an INTERVAL, not `{other}`"))
-                .with_help(usage));
-        }
-    };
-    let size = parse_duration(&text).map_err(|e| loc.error(e))?;
-    if size < Duration::from_millis(10) {
-        return Err(loc.error("a window must be at least 10 milliseconds long"));
-    }
-    Ok((source.value.clone(), size))
 }

@@ -44,8 +44,13 @@ fn bad_messages_are_isolated_with_reasons() {
         ("", Some("not_one_object")),
         ("{\"light\": ", Some("invalid_json")),
         ("{}", Some("schema_mismatch")),
-        ("[1, 2]", Some("schema_mismatch")),
+        ("[1, 2]", Some("not_one_object")),
+        (
+            "[{\"light\": 6}, {\"light\": null}]",
+            Some("schema_mismatch"),
+        ),
         ("{\"light\": 5}", None),
+        ("[{\"light\": 8}, {\"light\": 9}]", None),
     ];
     for (i, (p, _)) in payloads.iter().enumerate() {
         d.push(msg("site/north/dev-1/t", p, 1_000 + i as i64));
@@ -58,7 +63,8 @@ fn bad_messages_are_isolated_with_reasons() {
         .as_any()
         .downcast_ref::<Float64Array>()
         .unwrap();
-    assert_eq!(light.values().to_vec(), vec![1.0, 2.5, 5.0]);
+    // An array of readings is one row per element, in order.
+    assert_eq!(light.values().to_vec(), vec![1.0, 2.5, 5.0, 8.0, 9.0]);
     let site = batch
         .column_by_name("site")
         .unwrap()

@@ -6,6 +6,7 @@
 mod cli;
 mod decode;
 mod end_to_end;
+mod golden;
 mod pipeline;
 mod util;
 mod window;

@@ -1,0 +1,115 @@
+//! Device presence: online when a device's first reading arrives, offline once it has been
+//! silent for the presence table's timeout. Changes become rows of the pipeline's presence
+//! stream (`device_id`, `status`, `since`, `last_seen`, `event_time`) and move the
+//! `fleetsql_devices_online` gauge.
+//!
+//! Times are receive times (the engine's clock): silence is measured by the engine, which
+//! cannot trust a device's clock to tell it that the device went quiet.
+
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::error::ArrowError;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::pipeline::compile::presence_schema;
+
+pub const ONLINE: &str = "online";
+pub const OFFLINE: &str = "offline";
+
+/// One device's presence.
+#[derive(Debug, Clone, Copy)]
+pub struct Status {
+    online: bool,
+    since: i64,
+    last_seen: i64,
+}
+
+/// A status change, ready to become a row.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub device: Arc<str>,
+    pub status: &'static str,
+    /// When the status began: the first reading (online) or the last one (offline).
+    pub since: i64,
+    pub last_seen: i64,
+    /// When the engine noticed: the row's event time.
+    pub at: i64,
+}
+
+impl Status {
+    /// A device seen for the first time (or again after it was retired) at `now`.
+    pub fn new_online(device: &Arc<str>, now: i64) -> (Status, Change) {
+        let s = Status {
+            online: true,
+            since: now,
+            last_seen: now,
+        };
+        (s, s.change(device, now))
+    }
+
+    fn change(&self, device: &Arc<str>, at: i64) -> Change {
+        Change {
+            device: device.clone(),
+            status: if self.online { ONLINE } else { OFFLINE },
+            since: self.since,
+            last_seen: self.last_seen,
+            at,
+        }
+    }
+
+    /// A reading arrived at `now`; a device that was offline comes back online. `device`
+    /// is only called then, so the common case copies no id.
+    pub fn seen(&mut self, device: impl FnOnce() -> Arc<str>, now: i64) -> Option<Change> {
+        self.last_seen = self.last_seen.max(now);
+        if self.online {
+            return None;
+        }
+        self.online = true;
+        self.since = now;
+        Some(self.change(&device(), now))
+    }
+
+    /// Goes offline when silent for `timeout_ms` by `now`.
+    pub fn check(&mut self, device: &Arc<str>, now: i64, timeout_ms: i64) -> Option<Change> {
+        if !self.online || now - self.last_seen < timeout_ms {
+            return None;
+        }
+        self.online = false;
+        self.since = self.last_seen;
+        Some(self.change(device, now))
+    }
+
+    /// Offline now, whatever the silence: the device's actor is being retired.
+    pub fn retire(&mut self, device: &Arc<str>, now: i64) -> Option<Change> {
+        self.check(device, now, i64::MIN)
+    }
+
+    pub fn is_online(&self) -> bool {
+        self.online
+    }
+}
+
+/// Rows of the presence stream.
+pub fn rows(changes: &[Change]) -> Result<RecordBatch, ArrowError> {
+    let ts = |f: &dyn Fn(&Change) -> i64| -> ArrayRef {
+        Arc::new(
+            TimestampMillisecondArray::from_iter_values(changes.iter().map(f))
+                .with_timezone(crate::time::TZ),
+        )
+    };
+    RecordBatch::try_new(
+        presence_schema(),
+        vec![
+            Arc::new(StringArray::from_iter_values(
+                changes.iter().map(|c| &*c.device),
+            )),
+            Arc::new(StringArray::from_iter_values(
+                changes.iter().map(|c| c.status),
+            )),
+            ts(&|c| c.since),
+            ts(&|c| c.last_seen),
+            ts(&|c| c.at),
+        ],
+    )
+}

@@ -1,0 +1,165 @@
+//! The engine's pipeline without broker, actors or files: messages with their receive
+//! times go in, every table's rows come out in memory. Golden tests and the examples in
+//! docs/pipeline-sql.md run through it; time is whatever the caller says it is, so a
+//! result never depends on how fast the machine is.
+//!
+//! It uses the same decoder, presence logic, runner, windows and plans as `fleetsql run`;
+//! only the transport (MQTT, actors) and the outputs (Parquet, MQTT) are left out.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use super::runner::{Output, Outputs, Runner};
+use crate::decode::{DeadLetter, Message, SourceDecoder, SourceShape, reason, route};
+use crate::device::presence::{self, Status};
+use crate::metrics::Metrics;
+use crate::pipeline::CompiledPipeline;
+
+type Captured = Arc<Mutex<Vec<RecordBatch>>>;
+
+pub struct Local {
+    runner: Runner,
+    shapes: Vec<Arc<SourceShape>>,
+    decoders: Vec<SourceDecoder>,
+    presence: Option<(usize, i64)>,
+    devices: HashMap<Arc<str>, Status>,
+    tables: Vec<(String, Captured)>,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Local {
+    pub fn new(pipeline: CompiledPipeline) -> anyhow::Result<Local> {
+        let metrics = Metrics::new();
+        let shapes: Vec<Arc<SourceShape>> = pipeline
+            .sources
+            .iter()
+            .map(|s| Arc::new(SourceShape::new(s)))
+            .collect();
+        let decoders = shapes
+            .iter()
+            .map(|s| SourceDecoder::new(s.clone()))
+            .collect::<Result<_, _>>()?;
+        let mut tables = Vec::new();
+        let mut capture = |name: &str| {
+            let (out, rows) = Output::capture();
+            tables.push((name.to_string(), rows));
+            out
+        };
+        let raw = pipeline
+            .sources
+            .iter()
+            .map(|s| capture(&s.spec.name))
+            .collect();
+        let sinks = pipeline
+            .sinks
+            .iter()
+            .map(|s| capture(&s.spec.name))
+            .collect();
+        let dead_letters = capture(super::DEAD_LETTERS);
+        let presence = pipeline
+            .presence
+            .as_ref()
+            .map(|(p, stream)| (*stream, p.timeout.as_millis() as i64));
+        let runner = Runner::new(
+            pipeline,
+            Outputs {
+                raw,
+                sinks,
+                dead_letters,
+            },
+            metrics.clone(),
+        );
+        Ok(Local {
+            runner,
+            shapes,
+            decoders,
+            presence,
+            devices: HashMap::new(),
+            tables,
+            metrics,
+        })
+    }
+
+    /// One message received at `at` (epoch ms): decoded, routed, and every query it feeds
+    /// run; then time moves to `at`.
+    pub async fn message(&mut self, topic: &str, payload: &[u8], at: i64) {
+        let msg = Message {
+            topic: topic.to_string(),
+            payload: Bytes::copy_from_slice(payload),
+            received_at: at,
+        };
+        match route(&self.shapes, topic) {
+            None => self.runner.dead_letters(vec![DeadLetter {
+                source: None,
+                error: format!("topic `{topic}` matches no source"),
+                topic: msg.topic,
+                payload: msg.payload,
+                reason: reason::NO_SOURCE,
+                received_at: at,
+            }]),
+            Some((source, device)) => {
+                if let Some((stream, _)) = self.presence {
+                    let id = &topic[device];
+                    let change = match self.devices.get_mut(id) {
+                        Some(s) => s.seen(|| Arc::from(id), at),
+                        None => {
+                            let id: Arc<str> = Arc::from(id);
+                            let (s, c) = Status::new_online(&id, at);
+                            self.devices.insert(id, s);
+                            Some(c)
+                        }
+                    };
+                    if let Some(c) = change {
+                        if let Ok(b) = presence::rows(&[c]) {
+                            self.runner.rows(stream, b, at);
+                        }
+                    }
+                }
+                self.decoders[source].push(msg);
+                let (batch, dead) = self.decoders[source].flush();
+                if !dead.is_empty() {
+                    self.runner.dead_letters(dead);
+                }
+                if let Some(b) = batch {
+                    self.runner.rows(source, b, at);
+                }
+            }
+        }
+        self.runner.run_micro_batches().await;
+        self.advance(at).await;
+    }
+
+    /// Moves time to `now`: silent devices go offline, windows whose watermark passed close.
+    pub async fn advance(&mut self, now: i64) {
+        if let Some((stream, timeout)) = self.presence {
+            let mut changes: Vec<_> = self
+                .devices
+                .iter_mut()
+                .filter_map(|(id, s)| s.check(id, now, timeout))
+                .collect();
+            changes.sort_by(|a, b| a.device.cmp(&b.device));
+            if !changes.is_empty() {
+                if let Ok(b) = presence::rows(&changes) {
+                    self.runner.rows(stream, b, now);
+                }
+            }
+        }
+        self.runner.tick(now).await;
+    }
+
+    /// The end of input: every open window closes, as at shutdown.
+    pub async fn finish(&mut self) {
+        self.runner.finish().await;
+    }
+
+    /// Rows written so far to a table: a sink, a source's raw table, or `dead_letters`.
+    pub fn table(&self, name: &str) -> Option<Vec<RecordBatch>> {
+        self.tables
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, rows)| rows.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
