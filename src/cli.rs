@@ -81,6 +81,11 @@ pub struct RunArgs {
     /// Number of device shards (actix arbiters, one thread each); default: one per core.
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Reload the pipeline when a pipeline file changes (SIGHUP always reloads). Queries
+    /// that did not change keep their window state; a file with errors is refused and the
+    /// running pipeline stays.
+    #[arg(long)]
+    pub watch: bool,
 }
 
 impl RunArgs {
@@ -94,6 +99,8 @@ impl RunArgs {
             None => None,
         };
         Ok(EngineConfig {
+            pipelines: self.pipelines.clone(),
+            watch: self.watch,
             broker,
             listen: self.listen,
             data_dir: self.data_dir.clone(),

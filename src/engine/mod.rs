@@ -33,10 +33,16 @@ pub enum EngineEvent {
     DeadLetters(Vec<DeadLetter>),
     /// Everything sent before has been delivered: flush and answer.
     Finish(oneshot::Sender<()>),
+    /// Reload the pipeline files; answers with a summary or why the new files were refused.
+    Reload(oneshot::Sender<Result<String, String>>),
 }
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
+    /// The pipeline files, read again on a reload.
+    pub pipelines: Vec<PathBuf>,
+    /// Reload when a pipeline file changes (SIGHUP reloads in any case).
+    pub watch: bool,
     /// External broker; the embedded one on `listen` when absent.
     pub broker: Option<BrokerUrl>,
     pub listen: SocketAddr,
@@ -120,11 +126,8 @@ pub async fn run(
     )?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let has_commands = pipeline
-        .sinks
-        .iter()
-        .any(|s| matches!(s.spec.kind, SinkKind::Mqtt { .. }));
-    let (commands, commands_task) = if has_commands {
+    // Always connected, so a reload that adds an MQTT sink has a publisher to use.
+    let (commands, commands_task) = {
         let (c, t) = CommandPublisher::start(
             &broker,
             &format!("{}-commands", cfg.client_id),
@@ -132,8 +135,6 @@ pub async fn run(
             stop_rx.clone(),
         )?;
         (Some(c), Some(t))
-    } else {
-        (None, None)
     };
 
     let shapes: Vec<Arc<SourceShape>> = pipeline
@@ -173,7 +174,40 @@ pub async fn run(
         dead_letters: Output::Parquet(dead_letters),
     };
     let sim_plan = crate::simulate::Plan::from_pipeline(&pipeline);
-    let runner = tokio::spawn(Runner::new(pipeline, outputs, metrics.clone()).run(rx));
+    let open_sink = {
+        let (data_dir, roll, metrics, commands) = (
+            cfg.data_dir.clone(),
+            cfg.roll,
+            metrics.clone(),
+            commands.clone(),
+        );
+        move |s: &crate::pipeline::compile::CompiledSink| -> anyhow::Result<Output> {
+            Ok(match (&s.spec.kind, &commands) {
+                (SinkKind::Parquet, _) => Output::Parquet(ParquetTable::open(
+                    &data_dir,
+                    &s.spec.name,
+                    s.schema.clone(),
+                    roll,
+                    metrics.clone(),
+                )?),
+                (SinkKind::Mqtt { .. }, Some(c)) => Output::Commands(c.clone()),
+                (SinkKind::Mqtt { .. }, None) => Output::Discard,
+            })
+        }
+    };
+    let runner =
+        Runner::new(pipeline, outputs, metrics.clone()).with_reload(runner::ReloadContext {
+            paths: cfg.pipelines.clone(),
+            open_sink: Box::new(open_sink),
+        });
+    let runner = tokio::spawn(runner.run(rx));
+    let reloads = tokio::spawn(reload_triggers(
+        cfg.pipelines.clone(),
+        cfg.watch,
+        tx.clone(),
+        metrics.clone(),
+        stop_rx.clone(),
+    ));
     let ingest = tokio::spawn(crate::ingest::run(
         crate::ingest::IngestConfig {
             broker: broker.clone(),
@@ -224,6 +258,7 @@ pub async fn run(
         Ok(Err(e)) => tracing::warn!("ingest: {e}"),
         Err(e) => tracing::warn!("ingest task: {e}"),
     }
+    reloads.abort();
     shards.flush().await;
     let (done_tx, done_rx) = oneshot::channel();
     let _ = tx.send(EngineEvent::Finish(done_tx));
@@ -240,4 +275,61 @@ pub async fn run(
     metrics_task.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Asks the runner to reload on SIGHUP and, with `watch`, when a pipeline file changes
+/// (checked every second by size and modification time).
+async fn reload_triggers(
+    paths: Vec<PathBuf>,
+    watch: bool,
+    runner: mpsc::UnboundedSender<EngineEvent>,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hup = signal(SignalKind::hangup()).ok();
+    let stamp = |paths: &[PathBuf]| -> Vec<Option<(std::time::SystemTime, u64)>> {
+        paths
+            .iter()
+            .map(|p| {
+                std::fs::metadata(p)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
+    };
+    let mut seen = stamp(&paths);
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let why = tokio::select! {
+            _ = stop.changed() => return,
+            Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+            _ = poll.tick(), if watch => {
+                let now = stamp(&paths);
+                if now == seen { continue; }
+                seen = now;
+                "a pipeline file changed"
+            }
+        };
+        let (answer, result) = oneshot::channel();
+        if runner.send(EngineEvent::Reload(answer)).is_err() {
+            return;
+        }
+        match result.await {
+            Ok(Ok(summary)) => {
+                metrics.pipeline_reloads.with_label_values(&["ok"]).inc();
+                tracing::info!("pipeline reloaded ({why}): {summary}");
+            }
+            Ok(Err(e)) => {
+                metrics
+                    .pipeline_reloads
+                    .with_label_values(&["refused"])
+                    .inc();
+                tracing::error!(
+                    "pipeline reload refused ({why}); the running pipeline stays:\n{e}"
+                );
+            }
+            Err(_) => return,
+        }
+    }
 }

@@ -7,6 +7,7 @@
 //! clock in the engine and by recorded times in golden tests and replays. It runs on a
 //! multi-thread tokio runtime, as DataFusion expects, never on an actix arbiter.
 
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -20,7 +21,7 @@ use super::EngineEvent;
 use super::window::{Closed, RECEIVE_TIME_SLACK_MS, SourceClock, Windows};
 use crate::decode::DeadLetter;
 use crate::metrics::Metrics;
-use crate::pipeline::compile::{CompiledPipeline, EventTime, StreamKind, ts_type};
+use crate::pipeline::compile::{CompiledPipeline, CompiledSink, EventTime, StreamKind, ts_type};
 use crate::pipeline::parse::SinkKind;
 use crate::pipeline::reference::Reload;
 use crate::sink::commands::CommandPublisher;
@@ -89,6 +90,13 @@ impl Outputs {
     }
 }
 
+/// What a hot reload needs besides the current pipeline: where to read the new one, and
+/// how to open the output of a sink it adds.
+pub struct ReloadContext {
+    pub paths: Vec<PathBuf>,
+    pub open_sink: Box<dyn Fn(&CompiledSink) -> anyhow::Result<Output> + Send>,
+}
+
 /// How often reference files are checked for changes.
 const REFERENCE_CHECK_MS: i64 = 1000;
 
@@ -110,27 +118,12 @@ pub struct Runner {
     /// Per stream: (query, window input) pairs windowing it.
     windowed: Vec<Vec<(usize, usize)>>,
     last_reference_check: i64,
+    reload: Option<ReloadContext>,
 }
 
 impl Runner {
     pub fn new(pipeline: CompiledPipeline, outputs: Outputs, metrics: Arc<Metrics>) -> Runner {
         let n = pipeline.streams.len();
-        let mut views = vec![Vec::new(); n];
-        let mut micro = vec![Vec::new(); n];
-        let mut windowed = vec![Vec::new(); n];
-        for (si, s) in pipeline.streams.iter().enumerate() {
-            if let StreamKind::View { input, .. } = s.kind {
-                views[input].push(si);
-            }
-        }
-        for (qi, q) in pipeline.queries.iter().enumerate() {
-            if let Some(s) = q.input {
-                micro[s].push(qi);
-            }
-            for (k, w) in q.window.iter().flat_map(|w| w.inputs.iter().enumerate()) {
-                windowed[w.stream].push((qi, k));
-            }
-        }
         let windows = pipeline
             .queries
             .iter()
@@ -155,7 +148,7 @@ impl Runner {
                     _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
                 })
                 .collect();
-        Runner {
+        let mut r = Runner {
             task_ctx: pipeline.ctx.task_ctx(),
             pipeline,
             outputs,
@@ -163,11 +156,211 @@ impl Runner {
             windows,
             clocks,
             pending: vec![Vec::new(); n],
-            views,
-            micro,
-            windowed,
+            views: vec![],
+            micro: vec![],
+            windowed: vec![],
             last_reference_check: i64::MIN,
+            reload: None,
+        };
+        r.index_readers();
+        r
+    }
+
+    /// Lets the runner reload its pipeline (`EngineEvent::Reload`).
+    pub fn with_reload(mut self, ctx: ReloadContext) -> Runner {
+        self.reload = Some(ctx);
+        self
+    }
+
+    /// Who reads each stream: views, micro-batch queries, windows.
+    fn index_readers(&mut self) {
+        let n = self.pipeline.streams.len();
+        self.views = vec![Vec::new(); n];
+        self.micro = vec![Vec::new(); n];
+        self.windowed = vec![Vec::new(); n];
+        for (si, s) in self.pipeline.streams.iter().enumerate() {
+            if let StreamKind::View { input, .. } = s.kind {
+                self.views[input].push(si);
+            }
         }
+        for (qi, q) in self.pipeline.queries.iter().enumerate() {
+            if let Some(s) = q.input {
+                self.micro[s].push(qi);
+            }
+            for (k, w) in q.window.iter().flat_map(|w| w.inputs.iter().enumerate()) {
+                self.windowed[w.stream].push((qi, k));
+            }
+        }
+    }
+
+    /// Reads the pipeline files again and switches to them. Queries whose plan did not
+    /// change keep their open windows and their state across windows; new and changed
+    /// ones start empty. A file that does not compile, or that changes the sources (which
+    /// the broker subscriptions and device shards are built from), is refused and the
+    /// running pipeline stays as it was.
+    pub async fn reload(&mut self) -> Result<String, String> {
+        let Some(ctx) = &self.reload else {
+            return Err("this runner cannot reload".into());
+        };
+        let new = crate::pipeline::load_reusing(&ctx.paths, &self.pipeline)
+            .await
+            .map_err(|d| d.to_string())?;
+        self.run_micro_batches().await;
+        self.swap(new)
+    }
+
+    fn swap(&mut self, mut new: CompiledPipeline) -> Result<String, String> {
+        let old = &self.pipeline;
+        let describe = |p: &CompiledPipeline| -> Vec<String> {
+            p.sources
+                .iter()
+                .map(|s| {
+                    format!(
+                        "{:?} {:?} {:?} {:?}",
+                        s.spec.name,
+                        s.spec.topic.to_string(),
+                        s.row_schema,
+                        s.event_time
+                    )
+                })
+                .chain(
+                    p.presence
+                        .iter()
+                        .map(|(p, _)| format!("presence {} {:?}", p.name, p.timeout)),
+                )
+                .collect()
+        };
+        if describe(old) != describe(&new) {
+            return Err("the new pipeline changes its sources or presence table; restart the engine for that (queries, views, sinks and reference tables reload live)".into());
+        }
+        let Some(ctx) = &self.reload else {
+            return Err("this runner cannot reload".into());
+        };
+
+        // Outputs: a sink with the same name, kind and schema keeps its output.
+        let same_sink = |a: &CompiledSink, b: &CompiledSink| {
+            a.spec.name == b.spec.name
+                && format!("{:?}", a.spec.kind) == format!("{:?}", b.spec.kind)
+                && a.schema == b.schema
+        };
+        let mut opened: Vec<Option<Output>> = Vec::new();
+        for s in &new.sinks {
+            if old.sinks.iter().any(|o| same_sink(o, s)) {
+                opened.push(None);
+                continue;
+            }
+            match (ctx.open_sink)(s) {
+                Ok(o) => opened.push(Some(o)),
+                Err(e) => {
+                    for o in opened.into_iter().flatten() {
+                        o.close();
+                    }
+                    return Err(format!("cannot open sink `{}`: {e}", s.spec.name));
+                }
+            }
+        }
+        let mut old_outputs: Vec<Option<Output>> = std::mem::take(&mut self.outputs.sinks)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut sinks = Vec::with_capacity(new.sinks.len());
+        for (s, o) in new.sinks.iter().zip(opened) {
+            let out = match o {
+                Some(o) => o,
+                None => old
+                    .sinks
+                    .iter()
+                    .position(|x| same_sink(x, s))
+                    .and_then(|i| old_outputs[i].take())
+                    .unwrap_or(Output::Discard),
+            };
+            sinks.push(out);
+        }
+        for o in old_outputs.into_iter().flatten() {
+            o.close();
+        }
+        self.outputs.sinks = sinks;
+
+        // Queries and views whose plans are unchanged keep their objects: plans, windows
+        // and state across windows.
+        let plan_text =
+            |p: &crate::pipeline::compile::Plan| p.logical.display_indent_schema().to_string();
+        let mut old = std::mem::replace(&mut self.pipeline, CompiledPipeline::empty());
+        let mut old_windows = std::mem::take(&mut self.windows);
+        let mut kept = 0;
+        let mut windows = Vec::with_capacity(new.queries.len());
+        for q in new.queries.iter_mut() {
+            let found = old.queries.iter().position(|o| {
+                o.spec.name == q.spec.name
+                    && o.spec.sink == q.spec.sink
+                    && plan_text(&o.plan) == plan_text(&q.plan)
+                    && format!("{:?}", o.window.as_ref().map(|w| &w.kind))
+                        == format!("{:?}", q.window.as_ref().map(|w| &w.kind))
+            });
+            match found {
+                Some(i) => {
+                    let sink = q.sink;
+                    let input = q.input;
+                    let streams: Vec<usize> = q
+                        .window
+                        .iter()
+                        .flat_map(|w| w.inputs.iter().map(|i| i.stream))
+                        .collect();
+                    std::mem::swap(q, &mut old.queries[i]);
+                    // Indices belong to the new pipeline.
+                    q.sink = sink;
+                    q.input = input;
+                    if let Some(w) = q.window.as_mut() {
+                        for (inp, s) in w.inputs.iter_mut().zip(streams) {
+                            inp.stream = s;
+                        }
+                    }
+                    windows.push(old_windows[i].take());
+                    kept += 1;
+                }
+                None => windows.push(q.window.as_ref().map(|w| {
+                    let schema = &new.streams[w.inputs[0].stream].schema;
+                    Windows::new(&w.kind, w.inputs.len(), w.session_keys.clone(), schema)
+                })),
+            }
+        }
+        for s in new.streams.iter_mut() {
+            let StreamKind::View { plan, .. } = &mut s.kind else {
+                continue;
+            };
+            let same = old.streams.iter_mut().find(|o| {
+                o.name == s.name
+                    && o.schema == s.schema
+                    && matches!(&o.kind, StreamKind::View { plan: p, .. } if plan_text(p) == plan_text(plan))
+            });
+            if let Some(StreamKind::View { plan: old_plan, .. }) = same.map(|o| &mut o.kind) {
+                std::mem::swap(plan, old_plan);
+            }
+        }
+        let changed = new.queries.len() - kept;
+        let removed = old.queries.len() - kept;
+
+        let clocks = std::mem::take(&mut self.clocks);
+        self.clocks = new
+            .streams
+            .iter()
+            .map(|s| {
+                old.streams
+                    .iter()
+                    .position(|o| o.name == s.name)
+                    .map(|i| clocks[i].clone())
+                    .unwrap_or_else(|| SourceClock::new(RECEIVE_TIME_SLACK_MS))
+            })
+            .collect();
+        self.pending = vec![Vec::new(); new.streams.len()];
+        self.windows = windows;
+        self.task_ctx = new.ctx.task_ctx();
+        self.metrics.init_series(&new);
+        self.pipeline = new;
+        self.index_readers();
+        Ok(format!(
+            "{kept} queries kept their state, {changed} new or changed, {removed} removed"
+        ))
     }
 
     /// Runs until the channel delivers `Finish` (or closes), then closes every window and
@@ -188,6 +381,10 @@ impl Runner {
                             EngineEvent::Finish(done) => { finish = Some(done); break; }
                             EngineEvent::Rows { stream, batch } => self.rows(stream, batch, now),
                             EngineEvent::DeadLetters(d) => self.dead_letters(d),
+                            EngineEvent::Reload(answer) => {
+                                self.run_micro_batches().await;
+                                let _ = answer.send(self.reload().await);
+                            }
                         }
                         next = rx.try_recv().ok();
                     }

@@ -347,6 +347,7 @@ impl Sessions {
 }
 
 /// A source's progress in event time.
+#[derive(Debug, Clone)]
 pub struct SourceClock {
     delay: i64,
     /// Without rows for this long, event time moves on with the wall clock.

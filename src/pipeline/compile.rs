@@ -221,6 +221,19 @@ pub struct CompiledPipeline {
 }
 
 impl CompiledPipeline {
+    /// A pipeline with nothing in it: a placeholder while a reload moves parts across.
+    pub fn empty() -> CompiledPipeline {
+        CompiledPipeline {
+            ctx: session(),
+            sources: vec![],
+            streams: vec![],
+            presence: None,
+            references: vec![],
+            sinks: vec![],
+            queries: vec![],
+        }
+    }
+
     pub fn stream(&self, name: &str) -> Option<usize> {
         self.streams.iter().position(|s| s.name == name)
     }
@@ -270,6 +283,27 @@ fn event_time_index(schema: &Schema) -> Option<usize> {
 }
 
 pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics> {
+    compile_reusing(spec, None).await
+}
+
+/// A stream's slot: the previous pipeline's when it has a stream of that name and schema,
+/// so plans kept across a hot reload read the rows the new pipeline hands out.
+fn slot_for(prev: Option<&CompiledPipeline>, name: &str, schema: &SchemaRef) -> Arc<Slot> {
+    prev.and_then(|p| {
+        p.streams
+            .iter()
+            .find(|s| s.name == name && s.schema == *schema)
+    })
+    .map(|s| s.slot.clone())
+    .unwrap_or_else(|| Slot::new(schema.clone()))
+}
+
+/// Compiles a pipeline that replaces `previous` (a hot reload): streams and reference
+/// tables that keep their name and schema keep their slots.
+pub async fn compile_reusing(
+    spec: PipelineSpec,
+    previous: Option<&CompiledPipeline>,
+) -> Result<CompiledPipeline, Diagnostics> {
     let ctx = session();
     let mut errors = Vec::new();
 
@@ -288,7 +322,7 @@ pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics
         streams.push(Stream {
             name: c.spec.name.clone(),
             schema: c.row_schema.clone(),
-            slot: Slot::new(c.row_schema.clone()),
+            slot: slot_for(previous, &c.spec.name, &c.row_schema),
             event_time: event_time_index(&c.row_schema),
             root: i,
             kind: StreamKind::Source(i),
@@ -299,7 +333,7 @@ pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics
         let index = streams.len();
         streams.push(Stream {
             name: p.name.clone(),
-            slot: Slot::new(schema.clone()),
+            slot: slot_for(previous, &p.name, &schema),
             event_time: event_time_index(&schema),
             schema,
             root: index,
@@ -320,7 +354,8 @@ pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics
 
     let mut references = Vec::new();
     for r in &spec.references {
-        match Reference::open(&ctx, r).await {
+        let old = previous.and_then(|p| p.references.iter().find(|o| o.spec.name == r.name));
+        match Reference::open(&ctx, r, old).await {
             Ok(reference) => references.push(reference),
             Err(e) => errors.push(e),
         }
@@ -330,7 +365,7 @@ pub async fn compile(spec: PipelineSpec) -> Result<CompiledPipeline, Diagnostics
     }
 
     for v in &spec.views {
-        if let Err(e) = compile_view(&ctx, v, &mut streams).await {
+        if let Err(e) = compile_view(&ctx, v, &mut streams, previous).await {
             errors.push(e);
         }
     }
@@ -522,6 +557,7 @@ async fn compile_view(
     ctx: &SessionContext,
     v: &ViewSpec,
     streams: &mut Vec<Stream>,
+    previous: Option<&CompiledPipeline>,
 ) -> Result<(), Diagnostic> {
     register_rolling(ctx, &v.rolling);
     let plan = plan_query(ctx, &v.query, &v.loc).await?;
@@ -537,7 +573,7 @@ async fn compile_view(
             let schema = Arc::new(plan.logical.schema().as_arrow().clone());
             let stream = Stream {
                 name: v.name.clone(),
-                slot: Slot::new(schema.clone()),
+                slot: slot_for(previous, &v.name, &schema),
                 event_time: event_time_index(&schema),
                 schema,
                 root: streams[*input].root,
@@ -787,13 +823,13 @@ fn unknown_column_span(
 }
 
 fn clean_message(m: &str) -> String {
-    // Internal window tables carry the query's index; users know them by their source.
+    // Internal window tables carry the query's name; users know them by their source.
     let mut s = m
         .replace("Error during planning: ", "")
         .replace("Schema error: ", "");
     while let Some(i) = s.find("__window_") {
         let end = s[i + 9..]
-            .find(|c: char| !c.is_ascii_digit())
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
             .map(|e| i + 9 + e)
             .unwrap_or(s.len());
         s.replace_range(i..end, "window");

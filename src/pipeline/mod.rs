@@ -82,3 +82,17 @@ pub fn explain(p: &CompiledPipeline) -> String {
     }
     out
 }
+
+/// [`load`] for a hot reload: streams and reference tables that keep their name and schema
+/// keep `previous`'s slots.
+pub async fn load_reusing(
+    paths: &[PathBuf],
+    previous: &CompiledPipeline,
+) -> Result<CompiledPipeline, Diagnostics> {
+    let mut files = Vec::new();
+    for p in paths {
+        files.push(SourceFile::read(p)?);
+    }
+    let spec = parse::parse_files(&files)?;
+    compile::compile_reusing(spec, Some(previous)).await
+}

@@ -290,7 +290,7 @@ impl Parsed {
                     return Err(loc.error("windows belong in the query that reads the view (INSERT INTO ... SELECT ... FROM TUMBLE(view, ...)), not in a view"));
                 }
                 let mut query = cv.query;
-                let owner = format!("v{}", self.spec.views.len());
+                let owner = format!("v_{}", internal_tag(&name));
                 let rolling = rewrite_rolling(file, &mut query, &owner, false)?;
                 self.spec.views.push(ViewSpec { name, query, rolling, loc });
                 Ok(())
@@ -306,10 +306,12 @@ impl Parsed {
                 let n = self.query_count.entry(sink.clone()).or_insert(0);
                 *n += 1;
                 let name = if *n == 1 { sink.clone() } else { format!("{sink}#{n}") };
-                let index = self.spec.queries.len();
-                let window = rewrite_windows(file, &mut query, index)?;
+                // Internal names derive from the query's name, not its position, so an edit
+                // elsewhere in the file leaves them (and a hot reload's matching) alone.
+                let tag = internal_tag(&name);
+                let window = rewrite_windows(file, &mut query, &tag)?;
                 let rolling =
-                    rewrite_rolling(file, &mut query, &format!("q{index}"), window.is_some())?;
+                    rewrite_rolling(file, &mut query, &format!("q_{tag}"), window.is_some())?;
                 self.spec.queries.push(QuerySpec { name, sink, query, window, rolling, loc });
                 Ok(())
             }
@@ -532,6 +534,19 @@ fn reference(
         columns,
         loc,
     })
+}
+
+/// A name usable inside internal table and function names.
+fn internal_tag(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 fn qos(v: Option<(String, Loc)>) -> Result<u8, Diagnostic> {

@@ -53,7 +53,13 @@ pub enum Reload {
 
 impl Reference {
     /// Loads the file and registers the table; any problem is an error at the table's place.
-    pub async fn open(ctx: &SessionContext, spec: &ReferenceSpec) -> Result<Reference, Diagnostic> {
+    /// `previous`: the table this one replaces in a hot reload; its slot is kept when the
+    /// schema is the same, so plans kept across the reload see the new contents.
+    pub async fn open(
+        ctx: &SessionContext,
+        spec: &ReferenceSpec,
+        previous: Option<&Reference>,
+    ) -> Result<Reference, Diagnostic> {
         let declared = if spec.columns.is_empty() {
             None
         } else {
@@ -76,7 +82,10 @@ impl Reference {
                 )));
             }
         };
-        let slot = Slot::new(schema.clone());
+        let slot = match previous {
+            Some(p) if p.schema == schema => p.slot.clone(),
+            _ => Slot::new(schema.clone()),
+        };
         slot.set(batches);
         let table = StreamingTable::try_new(
             schema.clone(),

@@ -121,11 +121,11 @@ pub fn has_window(q: &Query) -> bool {
 pub fn rewrite_windows(
     file: &Arc<SourceFile>,
     query: &mut Query,
-    index: usize,
+    tag: &str,
 ) -> Result<Option<WindowSpec>, Diagnostic> {
     struct Rewriter<'a> {
         file: &'a Arc<SourceFile>,
-        index: usize,
+        tag: &'a str,
         found: Option<WindowSpec>,
         error: Option<Diagnostic>,
     }
@@ -153,7 +153,7 @@ pub fn rewrite_windows(
                 }
             };
             let k = self.found.as_ref().map_or(0, |w| w.inputs.len());
-            let table = format!("__window_{}_{k}", self.index);
+            let table = format!("__window_{}_{k}", self.tag);
             match &mut self.found {
                 None => {
                     self.found = Some(WindowSpec {
@@ -200,7 +200,7 @@ pub fn rewrite_windows(
     }
     let mut r = Rewriter {
         file,
-        index,
+        tag,
         found: None,
         error: None,
     };

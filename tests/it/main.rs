@@ -8,5 +8,6 @@ mod decode;
 mod end_to_end;
 mod golden;
 mod pipeline;
+mod reload;
 mod util;
 mod window;
