@@ -10,11 +10,14 @@
 //!                  presence and per-device state; rows are appended to shard-level buffers
 //!   -> decode      a shard's buffered JSON payloads -> one Arrow RecordBatch per source,
 //!                  bad messages isolated as dead letters
-//!   -> engine      the pipeline runner: micro-batches and tumbling windows per query,
-//!                  watermarks, the compiled DataFusion plans run over each closed window
+//!   -> engine      the pipeline runner: views and micro-batches, TUMBLE/HOP/SESSION windows
+//!                  per query, watermarks, the compiled DataFusion plans run over each
+//!                  closed window, hot reload; `engine::local` runs it in process
 //!   -> sink        MQTT command publisher, rolling atomic Parquet tables
 //! metrics          one Prometheus registry, served over HTTP
-//! pipeline         the SQL file: parsed with sqlparser, checked and compiled with DataFusion
+//! pipeline         the SQL file: parsed with sqlparser, rewritten (windows, frames), checked
+//!                  and compiled with DataFusion; reference tables
+//! functions        engine SQL functions whose state spans windows
 //! simulate         simulated devices for zero-setup runs and tests
 //! ```
 
