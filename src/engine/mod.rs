@@ -278,7 +278,7 @@ pub async fn run(
 }
 
 /// Asks the runner to reload on SIGHUP and, with `watch`, when a pipeline file changes
-/// (checked every second by size and modification time).
+/// (checked twice a second by size and modification time).
 async fn reload_triggers(
     paths: Vec<PathBuf>,
     watch: bool,
@@ -299,15 +299,26 @@ async fn reload_triggers(
             .collect()
     };
     let mut seen = stamp(&paths);
-    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    // A change is acted on once the files have stayed the same for a poll: an editor or a
+    // copy may write a file in several steps, and a half-written file must not be loaded.
+    let mut changing = None;
+    let mut poll = tokio::time::interval(Duration::from_millis(500));
     loop {
         let why = tokio::select! {
             _ = stop.changed() => return,
             Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
             _ = poll.tick(), if watch => {
                 let now = stamp(&paths);
-                if now == seen { continue; }
+                if now == seen {
+                    changing = None;
+                    continue;
+                }
+                if changing.as_ref() != Some(&now) {
+                    changing = Some(now);
+                    continue;
+                }
                 seen = now;
+                changing = None;
                 "a pipeline file changed"
             }
         };

@@ -10,6 +10,13 @@ use fleetsql::engine::local::Local;
 
 use crate::util::*;
 
+/// Replaces the file in one step, as editors do.
+fn replace(file: &std::path::Path, text: &str) {
+    let tmp = file.with_extension("tmp");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, file).unwrap();
+}
+
 const V1: &str = "\
 CREATE TABLE telemetry (light DOUBLE, ts BIGINT)
   WITH (connector = 'mqtt', type = 'source', topic = '{device_id}/telemetry', event_time = 'ts');
@@ -73,7 +80,7 @@ fn hot_reload_keeps_unchanged_windows_and_refuses_broken_files() {
     assert_eq!(commands_for("a"), vec!["{\"led_on\":true}"]);
 
     // v2: a stricter threshold; the counting query is untouched.
-    std::fs::write(&file, V1.replace("light < 300", "light < 100")).unwrap();
+    replace(&file, &V1.replace("light < 300", "light < 100"));
     wait_until(Duration::from_secs(10), "--watch reloads", || {
         engine.metric("fleetsql_pipeline_reloads_total{result=\"ok\"}") == Some(1.0)
     });
@@ -95,7 +102,7 @@ fn hot_reload_keeps_unchanged_windows_and_refuses_broken_files() {
     );
 
     // A broken file: refused (by --watch, then by SIGHUP), with its error in the log.
-    std::fs::write(&file, V1.replace("light < 300", "lux < 100")).unwrap();
+    replace(&file, &V1.replace("light < 300", "lux < 100"));
     wait_until(Duration::from_secs(10), "--watch refuses", || {
         engine.metric("fleetsql_pipeline_reloads_total{result=\"refused\"}") == Some(1.0)
     });
@@ -118,6 +125,7 @@ fn hot_reload_keeps_unchanged_windows_and_refuses_broken_files() {
         vec!["{\"led_on\":true}", "{\"led_on\":false}"]
     );
 
+    let log = engine.log.clone();
     assert_eq!(engine.terminate(), 0);
     // The hour window was open across both reloads: one row per device, nothing lost.
     let rows = sql(&[format!(
@@ -127,7 +135,11 @@ fn hot_reload_keeps_unchanged_windows_and_refuses_broken_files() {
     let got = datafusion::arrow::util::pretty::pretty_format_batches(&rows[0])
         .unwrap()
         .to_string();
-    assert!(got.contains("| a:1,b:1,c:2 |"), "{got}");
+    assert!(
+        got.contains("| a:1,b:1,c:2 |"),
+        "{got}\nlog:\n{}",
+        log.lock().unwrap()
+    );
 }
 
 /// Issue 2/6 point 3: a reference table is read again when its file changes; the cached
