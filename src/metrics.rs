@@ -106,7 +106,7 @@ impl Metrics {
             late_rows: counter(
                 &r,
                 "fleetsql_late_rows_total",
-                "Rows that arrived after their window closed",
+                "Rows that arrived after their window closed, counted once per windowed query that missed them",
                 &["source"],
             ),
             reference_reloads: counter(

@@ -346,9 +346,7 @@ impl Parsed {
         let event_time = opts.take("event_time");
         let watermark_delay = match opts.take("watermark_delay") {
             // Zero is a legitimate choice: readings arrive in order.
-            Some((t, _)) if t.trim().trim_end_matches(['s', 'm', 'h']).trim() == "0" => {
-                Duration::ZERO
-            }
+            Some((t, _)) if is_zero_duration(&t) => Duration::ZERO,
             Some((t, l)) => parse_duration(&t).map_err(|e| l.error(e))?,
             None => Duration::from_secs(1),
         };
@@ -534,6 +532,19 @@ fn reference(
         columns,
         loc,
     })
+}
+
+/// `0`, `0s`, `0 seconds`, `0.0 ms`...: a number that is zero, then only a unit.
+fn is_zero_duration(t: &str) -> bool {
+    let t = t.trim();
+    let number: String = t
+        .chars()
+        .take_while(|c| c.is_ascii_digit() || *c == '.')
+        .collect();
+    let unit = t[number.len()..].trim();
+    !number.is_empty()
+        && number.parse::<f64>() == Ok(0.0)
+        && unit.chars().all(|c| c.is_ascii_alphabetic())
 }
 
 /// A name usable inside internal table and function names.

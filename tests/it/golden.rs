@@ -23,10 +23,9 @@
 
 use std::path::Path;
 
-use datafusion::arrow::json::LineDelimitedWriter;
-use datafusion::arrow::json::writer::WriterBuilder;
-use datafusion::arrow::record_batch::RecordBatch;
 use fleetsql::engine::local::Local;
+
+use crate::util::json_lines;
 
 #[derive(Debug, Default)]
 struct Case {
@@ -84,26 +83,6 @@ fn parse(text: &str) -> Result<Case, String> {
         return Err("no `-- pipeline` section".into());
     }
     Ok(case)
-}
-
-fn json_lines(batches: &[RecordBatch]) -> Vec<String> {
-    let mut buf = Vec::new();
-    {
-        let mut w: LineDelimitedWriter<_> = WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build(&mut buf);
-        for b in batches {
-            w.write(b).unwrap();
-        }
-        w.finish().unwrap();
-    }
-    let mut lines: Vec<String> = String::from_utf8(buf)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
-        .collect();
-    lines.sort();
-    lines
 }
 
 /// Runs one case; returns the actual rows of each table it names.
