@@ -9,6 +9,12 @@ use datafusion::arrow::compute::kernels::cast_utils::parse_interval_month_day_na
 /// Parses `'10 seconds'`, `'500 milliseconds'`, `'1 hour'`... Months and years are refused:
 /// their length in time depends on the calendar.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.trim().chars().all(|c| c.is_ascii_digit() || c == '.') {
+        return Err(format!(
+            "`{text}` needs a unit: write e.g. '{} seconds'",
+            text.trim()
+        ));
+    }
     let iv = parse_interval_month_day_nano(text)
         .map_err(|e| format!("`{text}` is not an interval ({e}); write e.g. '10 seconds'"))?;
     if iv.months != 0 {

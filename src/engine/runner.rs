@@ -134,20 +134,21 @@ impl Runner {
                 })
             })
             .collect();
-        let clocks =
-            pipeline
-                .streams
-                .iter()
-                .map(|s| match s.kind {
-                    StreamKind::Source(i) => match pipeline.sources[i].event_time {
-                        EventTime::Received => SourceClock::new(RECEIVE_TIME_SLACK_MS),
-                        EventTime::Field { .. } => SourceClock::new(
-                            pipeline.sources[i].spec.watermark_delay.as_millis() as i64,
-                        ),
-                    },
-                    _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
-                })
-                .collect();
+        let clocks = pipeline
+            .streams
+            .iter()
+            .map(|s| match s.kind {
+                StreamKind::Source(i) => {
+                    let s = &pipeline.sources[i];
+                    let declared = s.spec.watermark_delay.map(|d| d.as_millis() as i64);
+                    SourceClock::new(match s.event_time {
+                        EventTime::Received => declared.unwrap_or(RECEIVE_TIME_SLACK_MS),
+                        EventTime::Field { .. } => declared.unwrap_or(1000),
+                    })
+                }
+                _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
+            })
+            .collect();
         let mut r = Runner {
             task_ctx: pipeline.ctx.task_ctx(),
             pipeline,
@@ -216,11 +217,13 @@ impl Runner {
                 .iter()
                 .map(|s| {
                     format!(
-                        "{:?} {:?} {:?} {:?}",
+                        "{:?} {:?} {:?} {:?} {:?} {}",
                         s.spec.name,
                         s.spec.topic.to_string(),
                         s.row_schema,
-                        s.event_time
+                        s.event_time,
+                        s.spec.watermark_delay,
+                        s.spec.qos
                     )
                 })
                 .chain(

@@ -10,11 +10,14 @@
 //!   more than asked (0.4 %). Keys silent for longer than the range are forgotten.
 //! - a ROWS frame keeps the last N + 1 values per key, exactly.
 //!
-//! Evaluation is idempotent per (key, time): DataFusion may evaluate one expression twice
-//! (in WHERE and in the SELECT list), and a window's results may be recomputed after a
-//! restart. Rows of a key with the time of the newest row already seen replace that row's
-//! values when they come from a different call; rows older than the newest are answered
-//! against the state but not added to it (they arrived after the frame moved on).
+//! Evaluation is idempotent: DataFusion may evaluate one expression twice (in WHERE and in
+//! the SELECT list), and a window's results may be recomputed after a restart. Values at
+//! a key's newest time are kept apart until a later time arrives; a call that presents
+//! values already held for that time (all of them, or the subset a WHERE let through) is
+//! a re-evaluation and adds nothing, while other values at that time are new rows and
+//! count. (So one device sending the very same value twice at the same millisecond counts
+//! once: a duplicate.) Rows older than the key's newest are answered against the state but not added
+//! to it (they arrived after the frame moved on).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
@@ -156,11 +159,13 @@ impl Summary {
 struct KeyState {
     /// Committed past: (bucket start, summary) for RANGE, one entry per row for ROWS.
     past: VecDeque<(i64, Summary)>,
-    /// The newest time seen and the values at it, not yet in `past`.
+    /// The newest time seen and the values at it (nulls included, for matching), not yet
+    /// in `past`.
     newest: Option<i64>,
-    current: Vec<f64>,
-    /// Which call wrote `current`: a later call with the same time replaces it.
+    current: Vec<Option<f64>>,
+    /// The last call that saw the newest time, and which of `current` it has matched.
     current_call: u64,
+    used: Vec<bool>,
 }
 
 impl KeyState {
@@ -170,7 +175,7 @@ impl KeyState {
             Frame::Range(r) => {
                 let width = (r.as_millis() as i64 / RANGE_BUCKETS).max(1);
                 let b = t.div_euclid(width) * width;
-                for v in self.current.drain(..) {
+                for v in self.current.drain(..).flatten() {
                     match self.past.back_mut() {
                         Some((s, sum)) if *s == b => sum.add(v),
                         _ => {
@@ -182,7 +187,7 @@ impl KeyState {
                 }
             }
             Frame::Rows(n) => {
-                for v in self.current.drain(..) {
+                for v in self.current.drain(..).flatten() {
                     let mut s = Summary::default();
                     s.add(v);
                     self.past.push_back((t, s));
@@ -217,7 +222,7 @@ impl KeyState {
             Frame::Range(_) => None,
         };
         let mut current = Summary::default();
-        for v in self.current.iter().chain(extra.as_ref()) {
+        for v in self.current.iter().flatten().chain(extra.as_ref()) {
             current.add(*v);
         }
         match rows_cap {
@@ -252,6 +257,16 @@ impl ScalarUDFImpl for Rolling {
             return Err(DataFusionError::Plan(
                 "a frame over past windows needs a value and a time".into(),
             ));
+        }
+        let time_ok = matches!(
+            arg_types[1],
+            DataType::Timestamp(_, _) | DataType::Date32 | DataType::Date64
+        ) || arg_types[1].is_integer();
+        if !time_ok {
+            return Err(DataFusionError::Plan(format!(
+                "a frame over past windows is ordered by a time (window_end, event_time or a TIMESTAMP column), not by a {}",
+                arg_types[1]
+            )));
         }
         if !(arg_types[0].is_numeric() || arg_types[0] == DataType::Null) {
             return Err(DataFusionError::Plan(format!(
@@ -298,9 +313,10 @@ impl ScalarUDFImpl for Rolling {
                 .collect();
             st.converter = Some(RowConverter::new(fields)?);
         }
+        // Without PARTITION BY every row has the same (empty) key.
         let rows = match &st.converter {
-            Some(c) => c.convert_columns(keys)?,
-            None => unreachable!("set above"),
+            Some(c) if !keys.is_empty() => Some(c.convert_columns(keys)?),
+            _ => None,
         };
 
         // Rows of a key in time order; results go back to each row's place.
@@ -312,11 +328,14 @@ impl ScalarUDFImpl for Rolling {
             let t = times.value(i);
             let v = values.is_valid(i).then(|| values.value(i));
             st.newest = st.newest.max(t);
-            let key = rows.row(i);
-            if !st.keys.contains_key(key.as_ref()) {
-                st.keys.insert(key.as_ref().into(), KeyState::default());
+            let key: &[u8] = match &rows {
+                Some(r) => r.row(i).data(),
+                None => &[],
+            };
+            if !st.keys.contains_key(key) {
+                st.keys.insert(key.into(), KeyState::default());
             }
-            let Some(ks) = st.keys.get_mut(key.as_ref()) else {
+            let Some(ks) = st.keys.get_mut(key) else {
                 continue;
             };
             let summary = match ks.newest {
@@ -326,10 +345,19 @@ impl ScalarUDFImpl for Rolling {
                 }
                 Some(newest) if t == newest => {
                     if ks.current_call != call {
-                        ks.current.clear();
                         ks.current_call = call;
+                        ks.used.iter_mut().for_each(|u| *u = false);
                     }
-                    ks.current.extend(v);
+                    let same = |a: &Option<f64>| a.map(f64::to_bits) == v.map(f64::to_bits);
+                    let held =
+                        (0..ks.current.len()).find(|j| !ks.used[*j] && same(&ks.current[*j]));
+                    match held {
+                        Some(j) => ks.used[j] = true,
+                        None => {
+                            ks.current.push(v);
+                            ks.used.push(true);
+                        }
+                    }
                     ks.summary(frame, None)
                 }
                 _ => {
@@ -337,7 +365,9 @@ impl ScalarUDFImpl for Rolling {
                     ks.evict(frame, t);
                     ks.newest = Some(t);
                     ks.current.clear();
-                    ks.current.extend(v);
+                    ks.current.push(v);
+                    ks.used.clear();
+                    ks.used.push(true);
                     ks.current_call = call;
                     ks.summary(frame, None)
                 }

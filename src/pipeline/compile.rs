@@ -371,13 +371,29 @@ pub async fn compile_reusing(
     }
 
     let mut sink_schemas: Vec<Option<(SchemaRef, Loc)>> = vec![None; spec.sinks.len()];
+    let mut declared: Vec<Option<SchemaRef>> = Vec::with_capacity(spec.sinks.len());
+    for s in &spec.sinks {
+        declared.push(if s.columns.is_empty() {
+            None
+        } else {
+            match declared_schema(&ctx, &s.name, &s.columns, &s.loc).await {
+                Ok(d) => Some(d),
+                Err(e) => {
+                    errors.push(e);
+                    None
+                }
+            }
+        });
+    }
     let mut queries = Vec::new();
     for q in &spec.queries {
         match compile_query(&ctx, &spec, &streams, q).await {
             Ok(cq) => {
                 let sink = &spec.sinks[cq.sink];
                 let out = nullable(cq.plan.logical.schema().as_arrow());
-                if let Err(e) = check_sink(sink, &out, q, &sink_schemas[cq.sink]) {
+                let checked = check_sink(sink, &out, q, &sink_schemas[cq.sink])
+                    .and_then(|()| check_declared_types(sink, &out, q, &declared[cq.sink]));
+                if let Err(e) = checked {
                     errors.push(e);
                 } else if sink_schemas[cq.sink].is_none() {
                     sink_schemas[cq.sink] = Some((out, q.loc.clone()));
@@ -748,6 +764,31 @@ fn check_sink(
                 loc.line,
                 describe(out),
                 describe(schema)
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A sink that declares its columns gets those types (strings of any Arrow flavour match).
+fn check_declared_types(
+    sink: &SinkSpec,
+    out: &SchemaRef,
+    q: &QuerySpec,
+    declared: &Option<SchemaRef>,
+) -> Result<(), Diagnostic> {
+    let Some(declared) = declared else {
+        return Ok(());
+    };
+    let stringy =
+        |t: &DataType| matches!(t, DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8);
+    for (d, o) in declared.fields().iter().zip(out.fields()) {
+        let (dt, ot) = (d.data_type(), o.data_type());
+        if dt != ot && !(stringy(dt) && stringy(ot)) {
+            return Err(q.loc.error(format!(
+                "sink `{}` declares `{}` as {dt}, but the query gives {ot}; CAST it",
+                sink.name,
+                d.name()
             )));
         }
     }

@@ -95,8 +95,9 @@ pub struct SourceSpec {
     pub columns: Vec<ColumnDef>,
     /// Payload field holding the event time; the receive time when absent.
     pub event_time: Option<String>,
-    /// How far event time may run behind the newest reading before a window closes.
-    pub watermark_delay: Duration,
+    /// How far event time may run behind the newest reading before a window closes;
+    /// `None`: 1 s for an event-time field, the engine's batching slack for receive time.
+    pub watermark_delay: Option<Duration>,
     pub qos: u8,
     pub loc: Loc,
 }
@@ -225,6 +226,11 @@ impl Parsed {
         match stmt {
             Statement::CreateTable(ct) => {
                 let name = object_name(&ct.name);
+                if ct.query.is_some() {
+                    return Err(loc
+                        .error("CREATE TABLE ... AS SELECT is not how a pipeline writes a table")
+                        .with_help(format!("declare the sink, then write INSERT INTO {name} SELECT ...")));
+                }
                 let loc = Loc::at(file, ident_span(&ct.name).unwrap_or(Span::empty())).or(&loc);
                 let options = match &ct.table_options {
                     CreateTableOptions::With(o) | CreateTableOptions::Options(o) => o.clone(),
@@ -346,9 +352,9 @@ impl Parsed {
         let event_time = opts.take("event_time");
         let watermark_delay = match opts.take("watermark_delay") {
             // Zero is a legitimate choice: readings arrive in order.
-            Some((t, _)) if is_zero_duration(&t) => Duration::ZERO,
-            Some((t, l)) => parse_duration(&t).map_err(|e| l.error(e))?,
-            None => Duration::from_secs(1),
+            Some((t, _)) if is_zero_duration(&t) => Some(Duration::ZERO),
+            Some((t, l)) => Some(parse_duration(&t).map_err(|e| l.error(e))?),
+            None => None,
         };
         let qos = qos(opts.take("qos"))?;
         opts.finish(SOURCE_OPTIONS, "an mqtt source")?;
@@ -548,8 +554,14 @@ fn is_zero_duration(t: &str) -> bool {
 }
 
 /// A name usable inside internal table and function names.
+/// The readable part is followed by a hash of the exact name, so `out#2` and `out_2` stay
+/// apart; stable within a process, which is all a hot reload needs.
 fn internal_tag(name: &str) -> String {
-    name.chars()
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    name.hash(&mut h);
+    let readable: String = name
+        .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() {
                 c.to_ascii_lowercase()
@@ -557,7 +569,8 @@ fn internal_tag(name: &str) -> String {
                 '_'
             }
         })
-        .collect()
+        .collect();
+    format!("{readable}_{:08x}", h.finish() as u32)
 }
 
 fn qos(v: Option<(String, Loc)>) -> Result<u8, Diagnostic> {

@@ -410,6 +410,8 @@ pub fn rewrite_rolling(
         owner: &'a str,
         windowed: bool,
         found: Vec<RollingSpec>,
+        /// (what the frame computes, its function's name), to share identical frames.
+        seen: Vec<(String, String)>,
         error: Option<Diagnostic>,
     }
     impl VisitorMut for Rewriter<'_> {
@@ -494,9 +496,31 @@ pub fn rewrite_rolling(
                     return ControlFlow::Break(());
                 }
             };
-            let udf = format!("__rolling_{}_{}", self.owner, self.found.len());
             let mut args = vec![value, time];
             args.extend(spec.partition_by.iter().cloned());
+            // The same frame written twice in a query (in WHERE and in the SELECT list) is
+            // one function with one state, so both places see the same values.
+            let signature = format!(
+                "{func:?} {frame:?} {}",
+                args.iter()
+                    .map(|a| a.to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let udf = match self.seen.iter().find(|(s, _)| *s == signature) {
+                Some((_, name)) => name.clone(),
+                None => {
+                    let name = format!("__rolling_{}_{}", self.owner, self.seen.len());
+                    self.seen.push((signature, name.clone()));
+                    self.found.push(RollingSpec {
+                        udf: name.clone(),
+                        func,
+                        frame,
+                        loc,
+                    });
+                    name
+                }
+            };
             *e = Expr::Function(Function {
                 name: ObjectName::from(vec![Ident::new(&udf)]),
                 uses_odbc_syntax: false,
@@ -514,12 +538,6 @@ pub fn rewrite_rolling(
                 over: None,
                 within_group: vec![],
             });
-            self.found.push(RollingSpec {
-                udf,
-                func,
-                frame,
-                loc,
-            });
             ControlFlow::Continue(())
         }
     }
@@ -528,6 +546,7 @@ pub fn rewrite_rolling(
         owner,
         windowed,
         found: vec![],
+        seen: vec![],
         error: None,
     };
     let _ = query.visit(&mut r);

@@ -221,10 +221,8 @@ fn frame_state_forgets_keys_outside_the_range() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
         let compiled = fleetsql::pipeline::load(&[p]).await.unwrap();
-        let udf = compiled
-            .ctx
-            .udf("__rolling_q_out_0")
-            .expect("the frame's function");
+        let name = &compiled.queries[0].spec.rolling[0].udf;
+        let udf = compiled.ctx.udf(name).expect("the frame's function");
         let keys = || {
             (udf.inner().as_ref() as &dyn std::any::Any)
                 .downcast_ref::<fleetsql::functions::rolling::Rolling>()
