@@ -244,7 +244,7 @@ impl Metrics {
                 }
             }
         }
-        for t in [crate::engine::DEAD_LETTERS] {
+        for t in [crate::engine::DEAD_LETTERS, crate::engine::LATE_ROWS] {
             self.parquet_rows.with_label_values(&[t]);
             self.parquet_files.with_label_values(&[t]);
         }

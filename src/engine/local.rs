@@ -59,6 +59,7 @@ impl Local {
             .map(|s| capture(&s.spec.name))
             .collect();
         let dead_letters = capture(super::DEAD_LETTERS);
+        let late_rows = capture(super::LATE_ROWS);
         let presence = pipeline
             .presence
             .as_ref()
@@ -69,6 +70,7 @@ impl Local {
                 raw,
                 sinks,
                 dead_letters,
+                late_rows,
             },
             metrics.clone(),
         );
@@ -155,7 +157,8 @@ impl Local {
         self.runner.finish().await;
     }
 
-    /// Rows written so far to a table: a sink, a source's raw table, or `dead_letters`.
+    /// Rows written so far to a table: a sink, a source's raw table, `dead_letters` or
+    /// `late_rows`.
     pub fn table(&self, name: &str) -> Option<Vec<RecordBatch>> {
         self.tables
             .iter()

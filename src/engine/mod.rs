@@ -21,7 +21,9 @@ use crate::pipeline::CompiledPipeline;
 use crate::pipeline::parse::SinkKind;
 use crate::sink::commands::CommandPublisher;
 use crate::sink::parquet::{ParquetTable, RollPolicy};
-pub use runner::{DEAD_LETTERS, Output, Outputs, Runner, dead_letter_schema};
+pub use runner::{
+    DEAD_LETTERS, LATE_ROWS, Output, Outputs, Runner, dead_letter_schema, late_rows_schema,
+};
 
 /// What flows from the shards (and the topic router) to the pipeline runner.
 pub enum EngineEvent {
@@ -84,10 +86,10 @@ pub async fn run(
         .map(|s| s.spec.name.as_str())
         .collect();
     names.extend(pipeline.sinks.iter().map(|s| s.spec.name.as_str()));
-    if names.contains(&DEAD_LETTERS) {
-        anyhow::bail!(
-            "`{DEAD_LETTERS}` is the engine's table of bad messages; name your table otherwise"
-        );
+    for reserved in [DEAD_LETTERS, LATE_ROWS] {
+        if names.contains(&reserved) {
+            anyhow::bail!("`{reserved}` is a table of the engine's own; name your table otherwise");
+        }
     }
     let raw = pipeline
         .sources
@@ -121,6 +123,13 @@ pub async fn run(
         &cfg.data_dir,
         DEAD_LETTERS,
         dead_letter_schema(),
+        cfg.roll,
+        metrics.clone(),
+    )?;
+    let late_rows = ParquetTable::open(
+        &cfg.data_dir,
+        LATE_ROWS,
+        late_rows_schema(),
         cfg.roll,
         metrics.clone(),
     )?;
@@ -172,6 +181,7 @@ pub async fn run(
         raw: raw.into_iter().map(Output::Parquet).collect(),
         sinks,
         dead_letters: Output::Parquet(dead_letters),
+        late_rows: Output::Parquet(late_rows),
     };
     let sim_plan = crate::simulate::Plan::from_pipeline(&pipeline);
     let open_sink = {

@@ -28,6 +28,66 @@ use crate::sink::commands::CommandPublisher;
 use crate::sink::parquet::ParquetTable;
 
 pub const DEAD_LETTERS: &str = "dead_letters";
+pub const LATE_ROWS: &str = "late_rows";
+
+/// Rows that came too late for a window: one table for every source, the row itself as
+/// JSON, beside the columns a user filters on.
+pub fn late_rows_schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("source", DataType::Utf8, false),
+        Field::new("query", DataType::Utf8, false),
+        Field::new("device_id", DataType::Utf8, true),
+        Field::new("event_time", ts_type(), false),
+        Field::new("received_at", ts_type(), true),
+        Field::new("row", DataType::Utf8, false),
+    ]))
+}
+
+fn late_rows_batch(
+    source: &str,
+    query: &str,
+    event_time: usize,
+    rows: &RecordBatch,
+) -> anyhow::Result<RecordBatch> {
+    use datafusion::arrow::array::new_null_array;
+    use datafusion::arrow::compute::cast;
+    let n = rows.num_rows();
+    let text = |v: &str| -> ArrayRef {
+        Arc::new(StringArray::from_iter_values(std::iter::repeat_n(v, n)))
+    };
+    let device: ArrayRef = match rows.column_by_name(crate::pipeline::parse::DEVICE_ID) {
+        Some(c) => cast(c, &DataType::Utf8)?,
+        None => new_null_array(&DataType::Utf8, n),
+    };
+    let received: ArrayRef = match rows.column_by_name(crate::pipeline::parse::RECEIVED_AT) {
+        Some(c) if c.data_type() == &ts_type() => c.clone(),
+        _ => new_null_array(&ts_type(), n),
+    };
+    let mut json = Vec::with_capacity(n * 64);
+    {
+        let mut w = datafusion::arrow::json::writer::WriterBuilder::new()
+            .with_explicit_nulls(true)
+            .build::<_, datafusion::arrow::json::writer::LineDelimited>(&mut json);
+        w.write(rows)?;
+        w.finish()?;
+    }
+    let lines: StringArray = String::from_utf8_lossy(&json)
+        .lines()
+        .take(n)
+        .map(Some)
+        .collect();
+    Ok(RecordBatch::try_new(
+        late_rows_schema(),
+        vec![
+            text(source),
+            text(query),
+            device,
+            rows.column(event_time).clone(),
+            received,
+            Arc::new(lines),
+        ],
+    )?)
+}
 
 pub fn dead_letter_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -78,6 +138,8 @@ pub struct Outputs {
     /// One per sink (same index).
     pub sinks: Vec<Output>,
     pub dead_letters: Output,
+    /// Rows too late for a window they belong to (they are in the raw table as well).
+    pub late_rows: Output,
 }
 
 impl Outputs {
@@ -87,6 +149,7 @@ impl Outputs {
             t.close();
         }
         self.dead_letters.close();
+        self.late_rows.close();
     }
 }
 
@@ -427,10 +490,19 @@ impl Runner {
         let s = &self.pipeline.streams[stream];
         let mut late = 0;
         if let Some(et) = s.event_time {
+            let root = &self.pipeline.streams[s.root].name;
             for &(qi, k) in &self.windowed[stream] {
                 if let Some(w) = self.windows[qi].as_mut() {
-                    // A late row is counted once per window query that missed it.
-                    late += w.add(k, &batch, et);
+                    // A late row is counted, and kept, once per window query that missed it.
+                    let missed = w.add(k, &batch, et);
+                    late += missed.rows();
+                    let query = &self.pipeline.queries[qi].spec.name;
+                    for rows in missed.0 {
+                        match late_rows_batch(root, query, et, &rows) {
+                            Ok(b) => self.outputs.late_rows.write_table(b),
+                            Err(e) => tracing::error!(query, "cannot keep late rows: {e}"),
+                        }
+                    }
                 }
             }
         }

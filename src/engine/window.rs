@@ -35,6 +35,16 @@ impl Closed {
     }
 }
 
+/// Rows too late for the window they belong to (it has closed).
+#[derive(Debug, Default)]
+pub struct Late(pub Vec<RecordBatch>);
+
+impl Late {
+    pub fn rows(&self) -> usize {
+        self.0.iter().map(|b| b.num_rows()).sum()
+    }
+}
+
 /// The open windows of one query.
 pub enum Windows {
     Panes(Panes),
@@ -66,8 +76,8 @@ impl Windows {
     }
 
     /// Assigns rows of input `input` to windows by their event time (column `et`); returns
-    /// how many were too late for their window.
-    pub fn add(&mut self, input: usize, batch: &RecordBatch, et: usize) -> usize {
+    /// the rows that were too late for their window.
+    pub fn add(&mut self, input: usize, batch: &RecordBatch, et: usize) -> Late {
         match self {
             Windows::Panes(p) => p.add(input, batch, et),
             Windows::Sessions(s) => s.add(batch, et),
@@ -131,8 +141,10 @@ impl Panes {
 
     /// A row is late when the first window it belongs to has closed; it still counts in
     /// its later windows (HOP) if any is open.
-    fn add(&mut self, input: usize, batch: &RecordBatch, et: usize) -> usize {
-        let Some(ts) = times(batch, et) else { return 0 };
+    fn add(&mut self, input: usize, batch: &RecordBatch, et: usize) -> Late {
+        let Some(ts) = times(batch, et) else {
+            return Late::default();
+        };
         let (mut lo, mut hi) = (i64::MAX, i64::MIN);
         for t in ts.values().iter() {
             let p = self.pane_of(*t);
@@ -140,7 +152,7 @@ impl Panes {
             hi = hi.max(p);
         }
         if lo == i64::MAX {
-            return 0;
+            return Late::default();
         }
         let (slide, size, closed) = (self.slide, self.size, self.closed);
         let late = move |p: i64| p.saturating_add(slide) <= closed;
@@ -150,25 +162,34 @@ impl Panes {
             if kept(lo) {
                 self.put(lo, input, batch.clone());
             }
-            return if late(lo) { batch.num_rows() } else { 0 };
+            return Late(if late(lo) {
+                vec![batch.clone()]
+            } else {
+                vec![]
+            });
         }
         let per_row: Vec<i64> = ts.values().iter().map(|t| self.pane_of(*t)).collect();
         let mut panes = per_row.clone();
         panes.sort_unstable();
         panes.dedup();
-        let mut n_late = 0;
+        let mut late_rows = Late::default();
         for p in panes {
             let mask: BooleanArray = per_row.iter().map(|r| Some(*r == p)).collect();
-            if late(p) {
-                n_late += mask.true_count();
+            let (is_late, is_kept) = (late(p), kept(p));
+            if !is_late && !is_kept {
+                continue;
             }
-            if kept(p) {
-                if let Ok(part) = filter_record_batch(batch, &mask) {
-                    self.put(p, input, part);
-                }
+            let Ok(part) = filter_record_batch(batch, &mask) else {
+                continue;
+            };
+            if is_late {
+                late_rows.0.push(part.clone());
+            }
+            if is_kept {
+                self.put(p, input, part);
             }
         }
-        n_late
+        late_rows
     }
 
     fn close_until(&mut self, watermark: i64) -> Vec<Closed> {
@@ -257,21 +278,23 @@ impl Sessions {
         }
     }
 
-    fn add(&mut self, batch: &RecordBatch, et: usize) -> usize {
-        let Some(ts) = times(batch, et) else { return 0 };
+    fn add(&mut self, batch: &RecordBatch, et: usize) -> Late {
+        let Some(ts) = times(batch, et) else {
+            return Late::default();
+        };
         let Some(conv) = &self.converter else {
-            return 0;
+            return Late::default();
         };
         let cols: Vec<_> = self.keys.iter().map(|k| batch.column(*k).clone()).collect();
         let Ok(rows) = conv.convert_columns(&cols) else {
-            return 0;
+            return Late::default();
         };
         let mut groups: HashMap<&[u8], Vec<u32>> = HashMap::new();
         for i in 0..batch.num_rows() {
             groups.entry(rows.row(i).data()).or_default().push(i as u32);
         }
         let gap = self.gap;
-        let mut late = 0;
+        let mut late = Late::default();
         for (key, mut idx) in groups {
             idx.sort_by_key(|i| ts.value(*i as usize));
             // Split the key's rows into runs no more than a gap apart.
@@ -291,13 +314,14 @@ impl Sessions {
                     .into_iter()
                     .partition(|s| lo < s.last + gap && s.start < hi + gap);
                 *sessions = keep;
-                if merge.is_empty() && hi.saturating_add(gap) <= self.closed {
-                    late += run.len();
-                    continue;
-                }
+                let too_late = merge.is_empty() && hi.saturating_add(gap) <= self.closed;
                 let Ok(part) = take_record_batch(batch, &UInt32Array::from(run)) else {
                     continue;
                 };
+                if too_late {
+                    late.0.push(part);
+                    continue;
+                }
                 let mut s = Session {
                     start: lo,
                     last: hi,

@@ -32,7 +32,7 @@ fn starts(closed: &[Closed]) -> Vec<i64> {
 fn rows_land_in_their_window_and_the_end_is_exclusive() {
     let mut w = Windows::Panes(Panes::new(1000, 1000, 1));
     // 999 is in [0, 1000); 1000, exactly on the end, belongs to [1000, 2000).
-    assert_eq!(w.add(0, &rows(&[0, 999, 1000, 2500, -1]), 1), 0);
+    assert_eq!(w.add(0, &rows(&[0, 999, 1000, 2500, -1]), 1).rows(), 0);
     let closed = w.close_until(999);
     assert_eq!(starts(&closed), vec![-1000], "[0, 1000) stays open at 999");
     let closed = w.close_until(1000);
@@ -45,7 +45,7 @@ fn rows_land_in_their_window_and_the_end_is_exclusive() {
     assert_eq!(closed[0].rows(), 2);
     assert_eq!(closed[0].inputs[0][0].1, 1000, "window_end");
     // Late: the [0, 1000) window is closed.
-    assert_eq!(w.add(0, &rows(&[500, 1500]), 1), 1);
+    assert_eq!(w.add(0, &rows(&[500, 1500]), 1).rows(), 1);
     let rest = w.close_all();
     assert_eq!(starts(&rest), vec![1000, 2000]);
     assert_eq!(rest[0].rows(), 2);
@@ -55,7 +55,7 @@ fn rows_land_in_their_window_and_the_end_is_exclusive() {
 fn hop_windows_overlap_and_share_rows() {
     // 3 s windows every second: a row at 2.5 s is in [0,3), [1,4) and [2,5).
     let mut w = Windows::Panes(Panes::new(3000, 1000, 1));
-    assert_eq!(w.add(0, &rows(&[2500, 4200]), 1), 0);
+    assert_eq!(w.add(0, &rows(&[2500, 4200]), 1).rows(), 0);
     let closed = w.close_all();
     let got: Vec<(i64, usize)> = closed
         .iter()
@@ -95,11 +95,12 @@ fn sessions_split_on_gaps_per_key_and_merge_out_of_order_rows() {
     let mut w = Windows::new(&kind, 1, vec![0], &schema);
     // a: 0, 500 | 3000 ; b: 200
     assert_eq!(
-        w.add(0, &batch(&["a", "a", "b", "a"], &[0, 500, 200, 3000]), 1),
+        w.add(0, &batch(&["a", "a", "b", "a"], &[0, 500, 200, 3000]), 1)
+            .rows(),
         0
     );
     // 1200 arrives late in receive order but bridges nothing: a's first session is 0..1500.
-    assert_eq!(w.add(0, &batch(&["a"], &[1200]), 1), 0);
+    assert_eq!(w.add(0, &batch(&["a"], &[1200]), 1).rows(), 0);
     let closed = w.close_until(2300);
     assert_eq!(
         closed.len(),
@@ -114,9 +115,9 @@ fn sessions_split_on_gaps_per_key_and_merge_out_of_order_rows() {
     // a's 0..1200 session ends 1 s after its last row; b's ends at 1200.
     assert_eq!(got, vec![(0, 2200, 1), (0, 2200, 2), (200, 1200, 1)]);
     // A row for a closed stretch that joins no open session is late.
-    assert_eq!(w.add(0, &batch(&["b"], &[300]), 1), 1);
+    assert_eq!(w.add(0, &batch(&["b"], &[300]), 1).rows(), 1);
     // A row that bridges into the open session of a at 3000 merges.
-    assert_eq!(w.add(0, &batch(&["a"], &[2600]), 1), 0);
+    assert_eq!(w.add(0, &batch(&["a"], &[2600]), 1).rows(), 0);
     let rest = w.close_all();
     let got: Vec<(i64, i64)> = rest[0].inputs[0].iter().map(|(s, e, _)| (*s, *e)).collect();
     assert!(got.iter().all(|g| *g == (2600, 4000)), "{got:?}");
