@@ -16,6 +16,7 @@ pub struct Metrics {
     pub decode_errors: IntCounterVec,
     pub rows_ingested: IntCounterVec,
     pub late_rows: IntCounterVec,
+    pub duplicates: IntCounterVec,
     pub reference_reloads: IntCounterVec,
     pub pipeline_reloads: IntCounterVec,
     pub presence_changes: IntCounterVec,
@@ -107,6 +108,12 @@ impl Metrics {
                 &r,
                 "fleetsql_late_rows_total",
                 "Rows that arrived after their window closed, counted once per windowed query that missed them",
+                &["source"],
+            ),
+            duplicates: counter(
+                &r,
+                "fleetsql_duplicates_total",
+                "Readings dropped as repeats of one already taken (sources with a sequence field)",
                 &["source"],
             ),
             reference_reloads: counter(
@@ -206,6 +213,7 @@ impl Metrics {
             let n = s.spec.name.as_str();
             self.rows_ingested.with_label_values(&[n]);
             self.late_rows.with_label_values(&[n]);
+            self.duplicates.with_label_values(&[n]);
             self.parquet_rows.with_label_values(&[n]);
             self.parquet_files.with_label_values(&[n]);
             self.parquet_bytes.with_label_values(&[n]);

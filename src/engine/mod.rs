@@ -2,6 +2,7 @@
 //! together, and takes them down in order on shutdown so every open window and file is
 //! flushed.
 
+pub mod dedupe;
 pub mod local;
 pub mod runner;
 pub mod window;

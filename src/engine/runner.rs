@@ -18,6 +18,7 @@ use datafusion::execution::TaskContext;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use super::EngineEvent;
+use super::dedupe::Dedupe;
 use super::window::{Closed, RECEIVE_TIME_SLACK_MS, SourceClock, Windows};
 use crate::decode::DeadLetter;
 use crate::metrics::Metrics;
@@ -182,6 +183,8 @@ pub struct Runner {
     windowed: Vec<Vec<(usize, usize)>>,
     last_reference_check: i64,
     reload: Option<ReloadContext>,
+    /// Per source: duplicate detection, when the source declares a sequence field.
+    dedupe: Vec<Option<Dedupe>>,
 }
 
 impl Runner {
@@ -212,7 +215,17 @@ impl Runner {
                 _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
             })
             .collect();
+        let dedupe = pipeline
+            .sources
+            .iter()
+            .map(|s| {
+                let seq = s.spec.sequence.as_deref()?;
+                let from_payload = matches!(s.event_time, EventTime::Field { .. });
+                Dedupe::new(&s.row_schema, seq, from_payload)
+            })
+            .collect();
         let mut r = Runner {
+            dedupe,
             task_ctx: pipeline.ctx.task_ctx(),
             pipeline,
             outputs,
@@ -472,7 +485,21 @@ impl Runner {
         let Some(s) = self.pipeline.streams.get(stream) else {
             return;
         };
+        let mut batch = batch;
         if let StreamKind::Source(i) = s.kind {
+            if let Some(d) = self.dedupe.get_mut(i).and_then(|d| d.as_mut()) {
+                let (kept, dropped) = d.filter(batch, now);
+                if dropped > 0 {
+                    self.metrics
+                        .duplicates
+                        .with_label_values(&[&s.name])
+                        .inc_by(dropped as u64);
+                }
+                batch = kept;
+                if batch.num_rows() == 0 {
+                    return;
+                }
+            }
             self.metrics
                 .rows_ingested
                 .with_label_values(&[&s.name])

@@ -95,6 +95,8 @@ pub struct SourceSpec {
     pub columns: Vec<ColumnDef>,
     /// Payload field holding the event time; the receive time when absent.
     pub event_time: Option<String>,
+    /// Payload field numbering each device's readings; duplicates are dropped.
+    pub sequence: Option<String>,
     /// How far event time may run behind the newest reading before a window closes;
     /// `None`: 1 s for an event-time field, the engine's batching slack for receive time.
     pub watermark_delay: Option<Duration>,
@@ -150,6 +152,7 @@ const SOURCE_OPTIONS: &[&str] = &[
     "event_time",
     "watermark_delay",
     "qos",
+    "sequence",
 ];
 const MQTT_SINK_OPTIONS: &[&str] = &["connector", "type", "topic", "qos", "retain"];
 const PARQUET_SINK_OPTIONS: &[&str] = &["connector", "type"];
@@ -357,6 +360,7 @@ impl Parsed {
             None => None,
         };
         let qos = qos(opts.take("qos"))?;
+        let sequence = opts.take("sequence");
         opts.finish(SOURCE_OPTIONS, "an mqtt source")?;
 
         // Column names must not collide with what the engine adds.
@@ -384,11 +388,23 @@ impl Parsed {
                 Some(field)
             }
         };
+        let sequence = match sequence {
+            None => None,
+            Some((field, floc)) => {
+                if !columns.iter().any(|c| c.name.value == field) {
+                    return Err(
+                        floc.error(format!("sequence field `{field}` is not a declared column"))
+                    );
+                }
+                Some(field)
+            }
+        };
         Ok(SourceSpec {
             name,
             topic,
             columns,
             event_time,
+            sequence,
             watermark_delay,
             qos,
             loc,
