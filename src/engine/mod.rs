@@ -92,60 +92,51 @@ pub async fn run(
             anyhow::bail!("`{reserved}` is a table of the engine's own; name your table otherwise");
         }
     }
+    let table = |name: &str, schema| {
+        ParquetTable::open(&cfg.data_dir, name, schema, cfg.roll, metrics.clone())
+    };
     let raw = pipeline
         .sources
         .iter()
-        .map(|s| {
-            ParquetTable::open(
-                &cfg.data_dir,
-                &s.spec.name,
-                s.row_schema.clone(),
-                cfg.roll,
-                metrics.clone(),
-            )
-        })
+        .map(|s| table(&s.spec.name, s.row_schema.clone()).map(Output::Parquet))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let parquet_sinks = pipeline
-        .sinks
-        .iter()
-        .map(|s| match s.spec.kind {
-            SinkKind::Parquet => ParquetTable::open(
-                &cfg.data_dir,
-                &s.spec.name,
-                s.schema.clone(),
-                cfg.roll,
-                metrics.clone(),
-            )
-            .map(Some),
-            SinkKind::Mqtt { .. } => Ok(None),
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let dead_letters = ParquetTable::open(
-        &cfg.data_dir,
-        DEAD_LETTERS,
-        dead_letter_schema(),
-        cfg.roll,
-        metrics.clone(),
-    )?;
-    let late_rows = ParquetTable::open(
-        &cfg.data_dir,
-        LATE_ROWS,
-        late_rows_schema(),
-        cfg.roll,
-        metrics.clone(),
-    )?;
+    let dead_letters = table(DEAD_LETTERS, dead_letter_schema())?;
+    let late_rows = table(LATE_ROWS, late_rows_schema())?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     // Always connected, so a reload that adds an MQTT sink has a publisher to use.
-    let (commands, commands_task) = {
-        let (c, t) = CommandPublisher::start(
-            &broker,
-            &format!("{}-commands", cfg.client_id),
+    let (commands, commands_task) = CommandPublisher::start(
+        &broker,
+        &format!("{}-commands", cfg.client_id),
+        metrics.clone(),
+        stop_rx.clone(),
+    )?;
+    // How a sink gets its output, at start and when a reload adds one.
+    let open_sink = {
+        let (data_dir, roll, metrics, commands) = (
+            cfg.data_dir.clone(),
+            cfg.roll,
             metrics.clone(),
-            stop_rx.clone(),
-        )?;
-        (Some(c), Some(t))
+            commands.clone(),
+        );
+        move |s: &crate::pipeline::compile::CompiledSink| -> anyhow::Result<Output> {
+            Ok(match &s.spec.kind {
+                SinkKind::Parquet => Output::Parquet(ParquetTable::open(
+                    &data_dir,
+                    &s.spec.name,
+                    s.schema.clone(),
+                    roll,
+                    metrics.clone(),
+                )?),
+                SinkKind::Mqtt { .. } => Output::Commands(commands.clone()),
+            })
+        }
     };
+    let sinks = pipeline
+        .sinks
+        .iter()
+        .map(&open_sink)
+        .collect::<anyhow::Result<Vec<_>>>()?;
 
     let shapes: Vec<Arc<SourceShape>> = pipeline
         .sources
@@ -170,42 +161,13 @@ pub async fn run(
             }),
     )?;
 
-    let sinks = parquet_sinks
-        .into_iter()
-        .map(|t| match (t, &commands) {
-            (Some(t), _) => Output::Parquet(t),
-            (None, Some(c)) => Output::Commands(c.clone()),
-            (None, None) => Output::Discard,
-        })
-        .collect();
     let outputs = Outputs {
-        raw: raw.into_iter().map(Output::Parquet).collect(),
+        raw,
         sinks,
         dead_letters: Output::Parquet(dead_letters),
         late_rows: Output::Parquet(late_rows),
     };
     let sim_plan = crate::simulate::Plan::from_pipeline(&pipeline);
-    let open_sink = {
-        let (data_dir, roll, metrics, commands) = (
-            cfg.data_dir.clone(),
-            cfg.roll,
-            metrics.clone(),
-            commands.clone(),
-        );
-        move |s: &crate::pipeline::compile::CompiledSink| -> anyhow::Result<Output> {
-            Ok(match (&s.spec.kind, &commands) {
-                (SinkKind::Parquet, _) => Output::Parquet(ParquetTable::open(
-                    &data_dir,
-                    &s.spec.name,
-                    s.schema.clone(),
-                    roll,
-                    metrics.clone(),
-                )?),
-                (SinkKind::Mqtt { .. }, Some(c)) => Output::Commands(c.clone()),
-                (SinkKind::Mqtt { .. }, None) => Output::Discard,
-            })
-        }
-    };
     let runner =
         Runner::new(pipeline, outputs, metrics.clone()).with_reload(runner::ReloadContext {
             paths: cfg.pipelines.clone(),
@@ -276,12 +238,8 @@ pub async fn run(
     let _ = done_rx.await;
     let outputs = runner.await?;
     tokio::task::spawn_blocking(move || outputs.close()).await?;
-    if let Some(c) = &commands {
-        c.close().await;
-    }
-    if let Some(t) = commands_task {
-        let _ = t.await;
-    }
+    commands.close().await;
+    let _ = commands_task.await;
     shards.stop();
     metrics_task.abort();
     tracing::info!("stopped");

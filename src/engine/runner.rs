@@ -64,19 +64,7 @@ fn late_rows_batch(
         Some(c) if c.data_type() == &ts_type() => c.clone(),
         _ => new_null_array(&ts_type(), n),
     };
-    let mut json = Vec::with_capacity(n * 64);
-    {
-        let mut w = datafusion::arrow::json::writer::WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, datafusion::arrow::json::writer::LineDelimited>(&mut json);
-        w.write(rows)?;
-        w.finish()?;
-    }
-    let lines: StringArray = String::from_utf8_lossy(&json)
-        .lines()
-        .take(n)
-        .map(Some)
-        .collect();
+    let lines = StringArray::from(crate::sink::json_rows(rows)?);
     Ok(RecordBatch::try_new(
         late_rows_schema(),
         vec![
@@ -154,6 +142,34 @@ impl Outputs {
     }
 }
 
+/// A windowed query's windows before its first row.
+fn empty_windows(p: &CompiledPipeline, query: usize) -> Option<Windows> {
+    let w = p.queries[query].window.as_ref()?;
+    let schema = &p.streams[w.inputs[0].stream].schema;
+    Some(Windows::new(
+        &w.kind,
+        w.inputs.len(),
+        w.session_keys.clone(),
+        schema,
+    ))
+}
+
+/// A stream's event-time clock: a source's declared `watermark_delay`, else 1 s for a
+/// payload event time and the batching slack for receive time.
+fn new_clock(p: &CompiledPipeline, stream: usize) -> SourceClock {
+    match p.streams[stream].kind {
+        StreamKind::Source(i) => {
+            let s = &p.sources[i];
+            let declared = s.spec.watermark_delay.map(|d| d.as_millis() as i64);
+            SourceClock::new(match s.event_time {
+                EventTime::Received => declared.unwrap_or(RECEIVE_TIME_SLACK_MS),
+                EventTime::Field { .. } => declared.unwrap_or(1000),
+            })
+        }
+        _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
+    }
+}
+
 /// What a hot reload needs besides the current pipeline: where to read the new one, and
 /// how to open the output of a sink it adds.
 pub struct ReloadContext {
@@ -190,31 +206,10 @@ pub struct Runner {
 impl Runner {
     pub fn new(pipeline: CompiledPipeline, outputs: Outputs, metrics: Arc<Metrics>) -> Runner {
         let n = pipeline.streams.len();
-        let windows = pipeline
-            .queries
-            .iter()
-            .map(|q| {
-                q.window.as_ref().map(|w| {
-                    let schema = &pipeline.streams[w.inputs[0].stream].schema;
-                    Windows::new(&w.kind, w.inputs.len(), w.session_keys.clone(), schema)
-                })
-            })
+        let windows = (0..pipeline.queries.len())
+            .map(|qi| empty_windows(&pipeline, qi))
             .collect();
-        let clocks = pipeline
-            .streams
-            .iter()
-            .map(|s| match s.kind {
-                StreamKind::Source(i) => {
-                    let s = &pipeline.sources[i];
-                    let declared = s.spec.watermark_delay.map(|d| d.as_millis() as i64);
-                    SourceClock::new(match s.event_time {
-                        EventTime::Received => declared.unwrap_or(RECEIVE_TIME_SLACK_MS),
-                        EventTime::Field { .. } => declared.unwrap_or(1000),
-                    })
-                }
-                _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
-            })
-            .collect();
+        let clocks = (0..n).map(|si| new_clock(&pipeline, si)).collect();
         let dedupe = pipeline
             .sources
             .iter()
@@ -397,10 +392,12 @@ impl Runner {
                     windows.push(old_windows[i].take());
                     kept += 1;
                 }
-                None => windows.push(q.window.as_ref().map(|w| {
-                    let schema = &new.streams[w.inputs[0].stream].schema;
-                    Windows::new(&w.kind, w.inputs.len(), w.session_keys.clone(), schema)
-                })),
+                None => windows.push(None),
+            }
+        }
+        for (qi, w) in windows.iter_mut().enumerate() {
+            if w.is_none() {
+                *w = empty_windows(&new, qi);
             }
         }
         for s in new.streams.iter_mut() {
@@ -420,15 +417,13 @@ impl Runner {
         let removed = old.queries.len() - kept;
 
         let clocks = std::mem::take(&mut self.clocks);
-        self.clocks = new
-            .streams
-            .iter()
-            .map(|s| {
+        self.clocks = (0..new.streams.len())
+            .map(|si| {
                 old.streams
                     .iter()
-                    .position(|o| o.name == s.name)
+                    .position(|o| o.name == new.streams[si].name)
                     .map(|i| clocks[i].clone())
-                    .unwrap_or_else(|| SourceClock::new(RECEIVE_TIME_SLACK_MS))
+                    .unwrap_or_else(|| new_clock(&new, si))
             })
             .collect();
         self.pending = vec![Vec::new(); new.streams.len()];

@@ -8,8 +8,6 @@ use std::time::Duration;
 use datafusion::arrow::array::{Array, StringArray};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::datatypes::DataType;
-use datafusion::arrow::json::WriterBuilder;
-use datafusion::arrow::json::writer::LineDelimited;
 use datafusion::arrow::record_batch::RecordBatch;
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::watch;
@@ -171,21 +169,8 @@ pub fn encode(
         .filter(|i| !captures.contains(&schema.field(*i).name().as_str()))
         .collect();
     let payload = batch.project(&keep)?;
-    let mut buf = Vec::with_capacity(payload.num_rows() * 32);
-    {
-        // Nulls are written as null: a device should see every column it was promised.
-        let mut w = WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, LineDelimited>(&mut buf);
-        w.write(&payload)?;
-        w.finish()?;
-    }
     let mut out = Vec::with_capacity(batch.num_rows());
-    for (row, line) in buf
-        .split(|b| *b == b'\n')
-        .take(batch.num_rows())
-        .enumerate()
-    {
+    for (row, line) in super::json_rows(&payload)?.into_iter().enumerate() {
         let t = topic.render(|name| {
             topic_cols
                 .iter()
@@ -198,7 +183,7 @@ pub fn encode(
                     }
                 })
         });
-        out.push((t, line.to_vec()));
+        out.push((t, line.into_bytes()));
     }
     Ok(out)
 }

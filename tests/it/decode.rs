@@ -153,9 +153,7 @@ fn duplicates_are_dropped_and_counted() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut local =
-            fleetsql::engine::local::Local::new(fleetsql::pipeline::load(&[p]).await.unwrap())
-                .unwrap();
+        let mut local = crate::util::local(&p).await;
         // Receive-time source: the sequence number alone identifies a reading, since a
         // redelivered message arrives at another time.
         for (i, payload) in [

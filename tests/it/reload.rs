@@ -159,7 +159,7 @@ fn reference_table_reloads_when_its_file_changes() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut local = Local::new(fleetsql::pipeline::load(&[p]).await.unwrap()).unwrap();
+        let mut local = local(&p).await;
         let gaps = |local: &Local| -> Vec<f64> {
             local
                 .table("out")
@@ -292,7 +292,7 @@ fn parquet_reference_table_joins_and_reloads() {
     );
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let mut local = Local::new(fleetsql::pipeline::load(&[p]).await.unwrap()).unwrap();
+        let mut local = local(&p).await;
         local.message("s1/t", br#"{"lux": 600}"#, 1_000).await;
         local.message("s2/t", br#"{"lux": 600}"#, 1_000).await;
         assert_eq!(

@@ -344,23 +344,18 @@ pub fn write_pipeline(dir: &Path, name: &str, text: &str) -> PathBuf {
 /// Rows as sorted JSON lines (nulls explicit, timestamps as RFC 3339): how golden files and
 /// example tests compare table contents.
 pub fn json_lines(batches: &[datafusion::arrow::record_batch::RecordBatch]) -> Vec<String> {
-    use datafusion::arrow::json::LineDelimitedWriter;
-    use datafusion::arrow::json::writer::WriterBuilder;
-    let mut buf = Vec::new();
-    {
-        let mut w: LineDelimitedWriter<_> = WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build(&mut buf);
-        for b in batches {
-            w.write(b).unwrap();
-        }
-        w.finish().unwrap();
-    }
-    let mut lines: Vec<String> = String::from_utf8(buf)
-        .unwrap()
-        .lines()
-        .map(str::to_string)
+    let mut lines: Vec<String> = batches
+        .iter()
+        .flat_map(|b| fleetsql::sink::json_rows(b).unwrap())
         .collect();
     lines.sort();
     lines
+}
+
+/// The engine's pipeline in process (no broker), over a pipeline file.
+pub async fn local(pipeline: &Path) -> fleetsql::engine::local::Local {
+    let compiled = fleetsql::pipeline::load(&[pipeline.to_path_buf()])
+        .await
+        .unwrap();
+    fleetsql::engine::local::Local::new(compiled).unwrap()
 }
