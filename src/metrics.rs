@@ -107,8 +107,8 @@ impl Metrics {
             late_rows: counter(
                 &r,
                 "fleetsql_late_rows_total",
-                "Rows that arrived after their window closed, counted once per windowed query that missed them",
-                &["source"],
+                "Rows a window query did not count, once per query that missed them; reason late (the window had closed) or ahead (event time too far ahead of the engine's clock)",
+                &["source", "reason"],
             ),
             duplicates: counter(
                 &r,
@@ -212,7 +212,9 @@ impl Metrics {
         for s in &p.sources {
             let n = s.spec.name.as_str();
             self.rows_ingested.with_label_values(&[n]);
-            self.late_rows.with_label_values(&[n]);
+            for reason in [crate::engine::LATE, crate::engine::AHEAD] {
+                self.late_rows.with_label_values(&[n, reason]);
+            }
             self.duplicates.with_label_values(&[n]);
             self.parquet_rows.with_label_values(&[n]);
             self.parquet_files.with_label_values(&[n]);

@@ -23,7 +23,8 @@ use crate::pipeline::parse::SinkKind;
 use crate::sink::commands::CommandPublisher;
 use crate::sink::parquet::{ParquetTable, RollPolicy};
 pub use runner::{
-    DEAD_LETTERS, LATE_ROWS, Output, Outputs, Runner, dead_letter_schema, late_rows_schema,
+    AHEAD, DEAD_LETTERS, LATE, LATE_ROWS, Output, Outputs, Runner, dead_letter_schema,
+    late_rows_schema,
 };
 
 /// What flows from the shards (and the topic router) to the pipeline runner.

@@ -30,13 +30,19 @@ use crate::sink::parquet::ParquetTable;
 
 pub const DEAD_LETTERS: &str = "dead_letters";
 pub const LATE_ROWS: &str = "late_rows";
+/// `late_rows.reason` of a row whose window had closed.
+pub const LATE: &str = "late";
+/// `late_rows.reason` of a row stamped too far in the future.
+pub const AHEAD: &str = "ahead";
 
-/// Rows that came too late for a window: one table for every source, the row itself as
-/// JSON, beside the columns a user filters on.
+/// Rows a window query did not count: one table for every source, the row itself as JSON,
+/// beside the columns a user filters on. `reason` is [`LATE`] (the window had closed) or
+/// [`AHEAD`] (the event time was further ahead of the engine's clock than `max_future`).
 pub fn late_rows_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("source", DataType::Utf8, false),
         Field::new("query", DataType::Utf8, false),
+        Field::new("reason", DataType::Utf8, false),
         Field::new("device_id", DataType::Utf8, true),
         Field::new("event_time", ts_type(), false),
         Field::new("received_at", ts_type(), true),
@@ -47,6 +53,7 @@ pub fn late_rows_schema() -> SchemaRef {
 fn late_rows_batch(
     source: &str,
     query: &str,
+    reason: &str,
     event_time: usize,
     rows: &RecordBatch,
 ) -> anyhow::Result<RecordBatch> {
@@ -70,6 +77,7 @@ fn late_rows_batch(
         vec![
             text(source),
             text(query),
+            text(reason),
             device,
             rows.column(event_time).clone(),
             received,
@@ -161,12 +169,14 @@ fn new_clock(p: &CompiledPipeline, stream: usize) -> SourceClock {
         StreamKind::Source(i) => {
             let s = &p.sources[i];
             let declared = s.spec.watermark_delay.map(|d| d.as_millis() as i64);
-            SourceClock::new(match s.event_time {
+            let delay = match s.event_time {
                 EventTime::Received => declared.unwrap_or(RECEIVE_TIME_SLACK_MS),
                 EventTime::Field { .. } => declared.unwrap_or(1000),
-            })
+            };
+            SourceClock::new(delay, s.spec.max_future.as_millis() as i64)
         }
-        _ => SourceClock::new(RECEIVE_TIME_SLACK_MS),
+        // Presence rows are stamped by the engine: never ahead of its clock.
+        _ => SourceClock::new(RECEIVE_TIME_SLACK_MS, 0),
     }
 }
 
@@ -189,6 +199,8 @@ pub struct Runner {
     windows: Vec<Option<Windows>>,
     /// Per stream; only root streams' (sources, presence) are used.
     clocks: Vec<SourceClock>,
+    /// The latest time a caller gave (`rows`, `tick`): what "ahead of the clock" means.
+    now: i64,
     /// Per stream: rows waiting for the views and micro-batch queries that read it.
     pending: Vec<Vec<RecordBatch>>,
     /// Per stream: the views computed from it.
@@ -227,6 +239,7 @@ impl Runner {
             metrics,
             windows,
             clocks,
+            now: i64::MIN,
             pending: vec![Vec::new(); n],
             views: vec![],
             micro: vec![],
@@ -477,6 +490,7 @@ impl Runner {
 
     /// Rows of a root stream (a source, or presence) arriving at `now`.
     pub fn rows(&mut self, stream: usize, batch: RecordBatch, now: i64) {
+        self.now = self.now.max(now);
         let Some(s) = self.pipeline.streams.get(stream) else {
             return;
         };
@@ -510,30 +524,42 @@ impl Runner {
     /// Hands rows of a stream to the windows over it and queues them for its readers.
     fn push(&mut self, stream: usize, batch: RecordBatch) {
         let s = &self.pipeline.streams[stream];
-        let mut late = 0;
-        if let Some(et) = s.event_time {
-            let root = &self.pipeline.streams[s.root].name;
+        if let (Some(et), false) = (s.event_time, self.windowed[stream].is_empty()) {
+            let root = s.root;
+            // Rows from a clock set far ahead are kept out of windows: they would sit in
+            // memory until the watermark reached them, which may be never.
+            let limit = self.clocks[root].future_limit(self.now);
+            let (timely, ahead) = match split_after(&batch, et, limit) {
+                Ok(parts) => parts,
+                Err(e) => {
+                    tracing::error!("cannot check event times: {e}");
+                    (batch.clone(), None)
+                }
+            };
+            let mut missed: Vec<(usize, &'static str, RecordBatch)> = Vec::new();
             for &(qi, k) in &self.windowed[stream] {
+                if let Some(ahead) = &ahead {
+                    missed.push((qi, AHEAD, ahead.clone()));
+                }
                 if let Some(w) = self.windows[qi].as_mut() {
                     // A late row is counted, and kept, once per window query that missed it.
-                    let missed = w.add(k, &batch, et);
-                    late += missed.rows();
-                    let query = &self.pipeline.queries[qi].spec.name;
-                    for rows in missed.0 {
-                        match late_rows_batch(root, query, et, &rows) {
-                            Ok(b) => self.outputs.late_rows.write_table(b),
-                            Err(e) => tracing::error!(query, "cannot keep late rows: {e}"),
-                        }
+                    for rows in w.add(k, &timely, et).0 {
+                        missed.push((qi, LATE, rows));
                     }
                 }
             }
-        }
-        if late > 0 {
-            let root = &self.pipeline.streams[s.root].name;
-            self.metrics
-                .late_rows
-                .with_label_values(&[root])
-                .inc_by(late as u64);
+            let source = &self.pipeline.streams[root].name;
+            for (qi, reason, rows) in missed {
+                let query = &self.pipeline.queries[qi].spec.name;
+                self.metrics
+                    .late_rows
+                    .with_label_values(&[source, reason])
+                    .inc_by(rows.num_rows() as u64);
+                match late_rows_batch(source, query, reason, et, &rows) {
+                    Ok(b) => self.outputs.late_rows.write_table(b),
+                    Err(e) => tracing::error!(query, "cannot keep late rows: {e}"),
+                }
+            }
         }
         if !self.views[stream].is_empty() || !self.micro[stream].is_empty() {
             self.pending[stream].push(batch);
@@ -613,6 +639,7 @@ impl Runner {
     /// Closes the windows that watermarks passed by `now`, and reloads changed reference
     /// files.
     pub async fn tick(&mut self, now: i64) {
+        self.now = self.now.max(now);
         self.run_micro_batches().await;
         for qi in 0..self.windows.len() {
             let Some(w) = &self.pipeline.queries[qi].window else {
@@ -753,4 +780,30 @@ impl Runner {
             }
         }
     }
+}
+
+/// Splits rows into those with an event time at or before `limit` and the rest (`None`
+/// when there are none, the common case, which copies nothing).
+fn split_after(
+    batch: &RecordBatch,
+    et: usize,
+    limit: i64,
+) -> Result<(RecordBatch, Option<RecordBatch>), datafusion::arrow::error::ArrowError> {
+    use datafusion::arrow::compute::{filter_record_batch, not};
+    let Some(ts) = batch
+        .column(et)
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+    else {
+        return Ok((batch.clone(), None));
+    };
+    if ts.values().iter().all(|&t| t <= limit) {
+        return Ok((batch.clone(), None));
+    }
+    let ahead: datafusion::arrow::array::BooleanArray =
+        ts.values().iter().map(|&t| Some(t > limit)).collect();
+    Ok((
+        filter_record_batch(batch, &not(&ahead)?)?,
+        Some(filter_record_batch(batch, &ahead)?),
+    ))
 }

@@ -376,6 +376,8 @@ pub struct SourceClock {
     delay: i64,
     /// Without rows for this long, event time moves on with the wall clock.
     idle: i64,
+    /// Rows further ahead of the engine's clock than this are not windowed.
+    max_future: i64,
     max_event: Option<i64>,
     last_rows_at: i64,
 }
@@ -385,16 +387,21 @@ pub struct SourceClock {
 pub const RECEIVE_TIME_SLACK_MS: i64 = 250;
 
 impl SourceClock {
-    /// `delay_ms`: how far the watermark trails the newest event time seen.
-    pub fn new(delay_ms: i64) -> SourceClock {
+    /// `delay_ms`: how far the watermark trails the newest event time seen;
+    /// `max_future_ms`: how far ahead of the engine's clock a row may be and still count.
+    pub fn new(delay_ms: i64, max_future_ms: i64) -> SourceClock {
         SourceClock {
             delay: delay_ms,
             idle: delay_ms + 1000,
+            max_future: max_future_ms,
             max_event: None,
             last_rows_at: 0,
         }
     }
 
+    /// Notes the rows of a batch received at `now`. Event time only advances up to `now`:
+    /// one device whose clock runs fast would otherwise drag the source's watermark ahead
+    /// and make every other device's readings late.
     pub fn observe(&mut self, batch: &RecordBatch, event_time: usize, now: i64) {
         if let Some(ts) = batch
             .column(event_time)
@@ -402,7 +409,8 @@ impl SourceClock {
             .downcast_ref::<TimestampMillisecondArray>()
         {
             if let Some(m) = ts.values().iter().max() {
-                self.max_event = Some(self.max_event.map_or(*m, |x| x.max(*m)));
+                let m = (*m).min(now);
+                self.max_event = Some(self.max_event.map_or(m, |x| x.max(m)));
             }
         }
         self.last_rows_at = now;
@@ -419,5 +427,10 @@ impl SourceClock {
                 m - self.delay + quiet.max(0)
             }
         }
+    }
+
+    /// Rows with an event time after this, at `now`, are too far ahead to be windowed.
+    pub fn future_limit(&self, now: i64) -> i64 {
+        now.saturating_add(self.max_future)
     }
 }

@@ -100,6 +100,9 @@ pub struct SourceSpec {
     /// How far event time may run behind the newest reading before a window closes;
     /// `None`: 1 s for an event-time field, the engine's batching slack for receive time.
     pub watermark_delay: Option<Duration>,
+    /// How far a reading's event time may run ahead of the engine's clock and still be
+    /// windowed (a device clock set wrong must not hold rows, or the watermark, hostage).
+    pub max_future: Duration,
     pub qos: u8,
     pub loc: Loc,
 }
@@ -144,6 +147,10 @@ pub struct QuerySpec {
     pub loc: Loc,
 }
 
+/// A source's `max_future` unless declared: generous for clocks a little fast, short
+/// enough that a device set to the wrong day is noticed at once.
+pub const DEFAULT_MAX_FUTURE: Duration = Duration::from_secs(60);
+
 const SOURCE_OPTIONS: &[&str] = &[
     "connector",
     "type",
@@ -151,6 +158,7 @@ const SOURCE_OPTIONS: &[&str] = &[
     "format",
     "event_time",
     "watermark_delay",
+    "max_future",
     "qos",
     "sequence",
 ];
@@ -359,6 +367,11 @@ impl Parsed {
             Some((t, l)) => Some(parse_duration(&t).map_err(|e| l.error(e))?),
             None => None,
         };
+        let max_future = match opts.take("max_future") {
+            Some((t, _)) if is_zero_duration(&t) => Duration::ZERO,
+            Some((t, l)) => parse_duration(&t).map_err(|e| l.error(e))?,
+            None => DEFAULT_MAX_FUTURE,
+        };
         let qos = qos(opts.take("qos"))?;
         let sequence = opts.take("sequence");
         opts.finish(SOURCE_OPTIONS, "an mqtt source")?;
@@ -406,6 +419,7 @@ impl Parsed {
             event_time,
             sequence,
             watermark_delay,
+            max_future,
             qos,
             loc,
         })

@@ -89,7 +89,9 @@ fn by_topic(messages: &[(String, String)]) -> BTreeMap<String, Vec<String>> {
 }
 
 fn late_rows(engine: &Engine, source: &str) -> Option<f64> {
-    engine.metric(&format!("fleetsql_late_rows_total{{source=\"{source}\"}}"))
+    engine.metric(&format!(
+        "fleetsql_late_rows_total{{reason=\"late\",source=\"{source}\"}}"
+    ))
 }
 
 fn start_engine(data: &std::path::Path, pipeline: &str, broker: &Mosquitto, name: &str) -> Engine {

@@ -6,6 +6,7 @@
 mod cli;
 mod decode;
 mod end_to_end;
+mod event_time;
 mod examples;
 mod golden;
 mod pipeline;

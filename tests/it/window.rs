@@ -126,7 +126,7 @@ fn sessions_split_on_gaps_per_key_and_merge_out_of_order_rows() {
 
 #[test]
 fn watermark_trails_event_time_and_moves_on_when_quiet() {
-    let mut c = SourceClock::new(2000);
+    let mut c = SourceClock::new(2000, 60_000);
     assert_eq!(c.watermark(0), i64::MIN, "no rows, no progress");
     c.observe(&rows(&[10_000, 12_000, 11_000]), 1, 100_000);
     assert_eq!(
@@ -137,6 +137,16 @@ fn watermark_trails_event_time_and_moves_on_when_quiet() {
     // Quiet for the delay plus a second: event time follows the clock from there.
     assert_eq!(c.watermark(103_000), 10_000);
     assert_eq!(c.watermark(105_000), 12_000);
+}
+
+#[test]
+fn event_time_ahead_of_the_clock_does_not_move_the_watermark_past_it() {
+    let mut c = SourceClock::new(1000, 60_000);
+    // A device an hour fast, received at 10 s: the watermark goes no further than the
+    // engine's clock minus the delay.
+    c.observe(&rows(&[3_610_000]), 1, 10_000);
+    assert_eq!(c.watermark(10_000), 9_000);
+    assert_eq!(c.future_limit(10_000), 70_000);
 }
 
 /// The cached physical plan sees each window's own rows (a MemTable-backed plan would keep
