@@ -95,6 +95,8 @@ pub mod reason {
     pub const BAD_EVENT_TIME: &str = "bad_event_time";
     pub const NO_SOURCE: &str = "no_matching_source";
     pub const TOO_LARGE: &str = "payload_too_large";
+    /// A presence status topic's payload that says neither online nor offline.
+    pub const BAD_STATUS: &str = "bad_status";
 }
 
 /// Buffers one source's messages in one shard and turns them into rows.

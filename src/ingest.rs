@@ -14,10 +14,11 @@ use rumqttc::{AsyncClient, Event, Packet, QoS};
 use tokio::sync::{mpsc, watch};
 
 use crate::decode::{DeadLetter, Message, SourceShape, reason};
-use crate::device::{Ingest, Reading, ShardRouter};
+use crate::device::{Ingest, Kind, Reading, ShardRouter};
 use crate::engine::EngineEvent;
 use crate::metrics::Metrics;
 use crate::mqtt::BrokerUrl;
+use crate::pipeline::topic::TopicPattern;
 
 /// Payloads above this many bytes are dead letters, not rows: one reading is small, and a
 /// runaway device must not fill the engine's memory.
@@ -29,6 +30,8 @@ pub struct IngestConfig {
     pub sources: Vec<Arc<SourceShape>>,
     /// Subscription QoS per source.
     pub qos: Vec<u8>,
+    /// The presence table's status topic, subscribed at QoS 1 when there is one.
+    pub status: Option<TopicPattern>,
 }
 
 /// Runs until `shutdown` turns true; then disconnects and returns once every message
@@ -50,12 +53,14 @@ pub async fn run(
         .iter()
         .zip(&cfg.qos)
         .map(|(s, q)| (s.topic.filter(), qos(*q)))
+        .chain(cfg.status.iter().map(|t| (t.filter(), QoS::AtLeastOnce)))
         .collect();
 
     let (tx, rx) = mpsc::channel::<Message>(16_384);
     let router = tokio::spawn(route(
         rx,
         cfg.sources.clone(),
+        cfg.status.clone(),
         shards,
         engine,
         metrics.clone(),
@@ -144,6 +149,7 @@ fn qos(q: u8) -> QoS {
 async fn route(
     mut rx: mpsc::Receiver<Message>,
     sources: Vec<Arc<SourceShape>>,
+    status: Option<TopicPattern>,
     shards: Vec<actix::Addr<ShardRouter>>,
     engine: mpsc::UnboundedSender<EngineEvent>,
     metrics: Arc<Metrics>,
@@ -172,13 +178,21 @@ async fn route(
                 });
                 continue;
             }
-            match crate::decode::route(&sources, &m.topic) {
-                Some((source, device)) => {
+            let routed = crate::decode::route(&sources, &m.topic)
+                .map(|(source, device)| (Kind::Source(source), device))
+                .or_else(|| {
+                    let device = status_device(status.as_ref()?, &m.topic)?;
+                    Some((Kind::Status, device))
+                });
+            match routed {
+                Some((kind, device)) => {
+                    // A device's telemetry and status go to the same shard: one place
+                    // holds its presence.
                     let mut h = hasher.build_hasher();
                     m.topic[device.clone()].hash(&mut h);
                     let shard = (h.finish() % shards.len() as u64) as usize;
                     per_shard[shard].push(Reading {
-                        source,
+                        kind,
                         device,
                         msg: m,
                     });
@@ -209,4 +223,18 @@ async fn route(
             }
         }
     }
+}
+
+/// Where the device id sits in a status topic, if `topic` is one.
+pub fn status_device(pattern: &TopicPattern, topic: &str) -> Option<std::ops::Range<usize>> {
+    let mut caps = Vec::with_capacity(4);
+    if !pattern.match_into(topic, &mut caps) {
+        return None;
+    }
+    let i = pattern
+        .captures()
+        .position(|c| c == crate::pipeline::parse::DEVICE_ID)?;
+    let id = caps.get(i)?;
+    let start = id.as_ptr() as usize - topic.as_ptr() as usize;
+    Some(start..start + id.len())
 }

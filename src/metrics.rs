@@ -20,7 +20,8 @@ pub struct Metrics {
     pub reference_reloads: IntCounterVec,
     pub pipeline_reloads: IntCounterVec,
     pub presence_changes: IntCounterVec,
-    pub devices_online: IntGauge,
+    /// Known devices by presence status (`online`, `offline`); forgotten once retired.
+    pub devices: IntGaugeVec,
     pub windows_closed: IntCounterVec,
     pub query_duration: HistogramVec,
     pub query_errors: IntCounterVec,
@@ -134,13 +135,19 @@ impl Metrics {
                 "Device status changes, by new status (online, offline)",
                 &["status"],
             ),
-            devices_online: {
-                let g = IntGauge::new(
-                    "fleetsql_devices_online",
-                    "Devices whose presence is online",
+            devices: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "fleetsql_devices",
+                        "Devices known to the presence table, by status (online, offline); a device is forgotten when its actor retires",
+                    ),
+                    &["status"],
                 )
                 .expect("valid metric");
                 let _ = r.register(Box::new(g.clone()));
+                for s in ["online", "offline"] {
+                    g.with_label_values(&[s]);
+                }
                 g
             },
             windows_closed: counter(

@@ -15,5 +15,5 @@ mod router;
 
 pub use actor::DeviceActor;
 pub use router::{
-    FlushNow, Ingest, PresenceConfig, Reading, ShardBuffer, ShardRouter, Shards, start_shards,
+    FlushNow, Ingest, Kind, PresenceConfig, Reading, ShardBuffer, ShardRouter, Shards, start_shards,
 };

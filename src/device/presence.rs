@@ -1,7 +1,9 @@
 //! Device presence: online when a device's first reading arrives, offline once it has been
-//! silent for the presence table's timeout. Changes become rows of the pipeline's presence
-//! stream (`device_id`, `status`, `since`, `last_seen`, `event_time`) and move the
-//! `fleetsql_devices_online` gauge.
+//! silent for the presence table's timeout; and, when the presence table names a status
+//! topic, whatever is announced there: a device's `online` when it connects, and the
+//! `offline` its last will makes the broker publish when the connection drops. Changes
+//! become rows of the pipeline's presence stream (`device_id`, `status`, `since`,
+//! `last_seen`, `event_time`) and move the `fleetsql_devices{status}` gauge.
 //!
 //! Times are receive times (the engine's clock): silence is measured by the engine, which
 //! cannot trust a device's clock to tell it that the device went quiet.
@@ -13,6 +15,7 @@ use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::record_batch::RecordBatch;
 
 use crate::pipeline::compile::presence_schema;
+use crate::pipeline::parse::StatusTopicSpec;
 
 pub const ONLINE: &str = "online";
 pub const OFFLINE: &str = "offline";
@@ -70,6 +73,30 @@ impl Status {
         Some(self.change(&device(), now))
     }
 
+    /// A device seen first on its status topic, saying `online` at `now`.
+    pub fn announced(device: &Arc<str>, online: bool, now: i64) -> (Status, Change) {
+        let s = Status {
+            online,
+            since: now,
+            last_seen: now,
+        };
+        (s, s.change(device, now))
+    }
+
+    /// The device's status topic said `online` at `now`; a change if it was offline. An
+    /// announcement counts as a sign of life; an `offline` keeps the last reading's time.
+    pub fn announce(&mut self, device: &Arc<str>, online: bool, now: i64) -> Option<Change> {
+        if online {
+            self.last_seen = self.last_seen.max(now);
+        }
+        if self.online == online {
+            return None;
+        }
+        self.online = online;
+        self.since = now;
+        Some(self.change(device, now))
+    }
+
     /// Goes offline when silent for `timeout_ms` by `now`.
     pub fn check(&mut self, device: &Arc<str>, now: i64, timeout_ms: i64) -> Option<Change> {
         if !self.online || now - self.last_seen < timeout_ms {
@@ -87,6 +114,51 @@ impl Status {
 
     pub fn is_online(&self) -> bool {
         self.online
+    }
+}
+
+/// What a message on the status topic says: `Some(true)` online, `Some(false)` offline,
+/// `None` for an empty payload (a retained status being cleared), an error for anything
+/// else. The payload is a bare word (`online`), a JSON string (`"online"`) or boolean, or a
+/// JSON object with a `status` (or `state`, or `online`) field.
+pub fn parse_status(spec: &StatusTopicSpec, payload: &[u8]) -> Result<Option<bool>, String> {
+    let text = String::from_utf8_lossy(payload);
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let word = match serde_json::from_str::<serde_json::Value>(text) {
+        Ok(serde_json::Value::Object(o)) => {
+            match ["status", "state", "online"].iter().find_map(|k| o.get(*k)) {
+                Some(v) => json_word(v),
+                None => {
+                    return Err(
+                        "a JSON status needs a `status`, `state` or `online` field".to_string()
+                    );
+                }
+            }
+        }
+        Ok(v) => json_word(&v),
+        Err(_) => text.to_string(),
+    }
+    .to_lowercase();
+    if spec.online.contains(&word) {
+        Ok(Some(true))
+    } else if spec.offline.contains(&word) {
+        Ok(Some(false))
+    } else {
+        Err(format!(
+            "status `{word}` is neither online ({}) nor offline ({})",
+            spec.online.join(", "),
+            spec.offline.join(", ")
+        ))
+    }
+}
+
+fn json_word(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
     }
 }
 

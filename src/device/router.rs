@@ -12,16 +12,26 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use super::actor::{DeviceActor, DeviceReading, Retire, Sync};
 use super::presence::{self, Change, Status};
-use crate::decode::{Message as Msg, SourceDecoder, SourceShape};
+use crate::decode::{DeadLetter, Message as Msg, SourceDecoder, SourceShape, reason};
 use crate::engine::EngineEvent;
 use crate::metrics::Metrics;
+use crate::pipeline::parse::StatusTopicSpec;
 
-/// One message routed to a shard: which source it matched and where the device id sits in
-/// its topic (so the router looks the actor up without allocating).
+/// One message routed to a shard: what it is and where the device id sits in its topic
+/// (so the router looks the actor up without allocating).
 pub struct Reading {
-    pub source: usize,
+    pub kind: Kind,
     pub device: std::ops::Range<usize>,
     pub msg: Msg,
+}
+
+/// What a device's message is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Telemetry of the source with this index.
+    Source(usize),
+    /// An announcement on the presence table's status topic.
+    Status,
 }
 
 #[derive(Message)]
@@ -43,11 +53,26 @@ pub struct ShardBuffer {
     changes: Vec<Change>,
 }
 
-/// Where presence changes go, and after how long a silent device is offline.
-#[derive(Debug, Clone, Copy)]
+/// Where presence changes go, after how long a silent device is offline, and what its
+/// status topic says.
+#[derive(Debug, Clone)]
 pub struct PresenceConfig {
+    /// The presence table, for dead letters of its status topic.
+    pub name: Arc<str>,
     pub stream: usize,
     pub timeout: Duration,
+    pub status: Option<Arc<StatusTopicSpec>>,
+}
+
+impl PresenceConfig {
+    pub fn of(p: &crate::pipeline::CompiledPipeline) -> Option<PresenceConfig> {
+        p.presence.as_ref().map(|(spec, stream)| PresenceConfig {
+            name: Arc::from(spec.name.as_str()),
+            stream: *stream,
+            timeout: spec.timeout,
+            status: spec.status.clone().map(Arc::new),
+        })
+    }
 }
 
 impl ShardBuffer {
@@ -92,7 +117,7 @@ impl ShardBuffer {
         }
     }
 
-    pub fn flush_all(&mut self, presence: Option<PresenceConfig>) {
+    pub fn flush_all(&mut self, presence: Option<&PresenceConfig>) {
         for i in 0..self.decoders.len() {
             if !self.decoders[i].is_empty() {
                 self.flush_source(i);
@@ -125,6 +150,8 @@ pub struct ShardRouter {
     idle_timeout: Duration,
     flush_interval: Duration,
     presence: Option<PresenceConfig>,
+    /// Devices online and offline in this shard as last added to `fleetsql_devices`.
+    counted: [i64; 2],
 }
 
 impl Actor for ShardRouter {
@@ -134,9 +161,9 @@ impl Actor for ShardRouter {
         // Readings arriving faster than they are handled wait here, not in an unbounded queue.
         ctx.set_mailbox_capacity(64);
         ctx.run_interval(self.flush_interval, |act, _| {
-            act.buffer.borrow_mut().flush_all(act.presence)
+            act.buffer.borrow_mut().flush_all(act.presence.as_ref())
         });
-        let shortest = match self.presence {
+        let shortest = match &self.presence {
             Some(p) => p.timeout.min(self.idle_timeout),
             None => self.idle_timeout,
         };
@@ -152,11 +179,11 @@ impl ShardRouter {
         let now = Instant::now();
         let now_ms = crate::time::now_ms();
         let timeout = self.idle_timeout;
-        let presence = self.presence;
+        let presence = self.presence.as_ref().map(|p| p.timeout.as_millis() as i64);
         let mut changes = Vec::new();
         self.devices.retain(|id, e| {
             if let Some(p) = presence {
-                changes.extend(e.presence.check(id, now_ms, p.timeout.as_millis() as i64));
+                changes.extend(e.presence.check(id, now_ms, p));
             }
             let keep = now.duration_since(e.last_seen) < timeout;
             if !keep {
@@ -168,6 +195,28 @@ impl ShardRouter {
             keep
         });
         self.record(changes);
+        self.count_devices();
+    }
+
+    /// Brings this shard's share of `fleetsql_devices` up to date (recounted rather than
+    /// tracked change by change: retirement forgets devices in either state).
+    fn count_devices(&mut self) {
+        if self.presence.is_none() {
+            return;
+        }
+        let online = self
+            .devices
+            .values()
+            .filter(|e| e.presence.is_online())
+            .count() as i64;
+        let now = [online, self.devices.len() as i64 - online];
+        for (i, status) in [presence::ONLINE, presence::OFFLINE].iter().enumerate() {
+            self.metrics
+                .devices
+                .with_label_values(&[status])
+                .add(now[i] - self.counted[i]);
+        }
+        self.counted = now;
     }
 
     fn record(&mut self, changes: Vec<Change>) {
@@ -179,13 +228,26 @@ impl ShardRouter {
                 .presence_changes
                 .with_label_values(&[c.status])
                 .inc();
-            if c.status == presence::ONLINE {
-                self.metrics.devices_online.inc();
-            } else {
-                self.metrics.devices_online.dec();
-            }
         }
         self.buffer.borrow_mut().changes.extend(changes);
+    }
+
+    /// The device's entry, created with its actor on its first message.
+    fn entry(&mut self, id: &str, status: impl FnOnce(&Arc<str>) -> Status) -> &mut Entry {
+        if !self.devices.contains_key(id) {
+            let id: Arc<str> = Arc::from(id);
+            let actor = DeviceActor::new(id.clone(), self.buffer.clone(), self.metrics.clone());
+            let presence = status(&id);
+            self.devices.insert(
+                id,
+                Entry {
+                    addr: actor.start(),
+                    last_seen: Instant::now(),
+                    presence,
+                },
+            );
+        }
+        self.devices.get_mut(id).expect("inserted above")
     }
 }
 
@@ -195,37 +257,71 @@ impl Handler<Ingest> for ShardRouter {
     fn handle(&mut self, Ingest(readings): Ingest, _ctx: &mut Self::Context) {
         let now = Instant::now();
         let mut changes = Vec::new();
+        let mut dead = Vec::new();
+        let tracked = self.presence.is_some();
         for r in readings {
             let id = &r.msg.topic[r.device.clone()];
-            let entry = match self.devices.get_mut(id) {
-                Some(e) => {
-                    if self.presence.is_some() {
-                        changes.extend(e.presence.seen(|| Arc::from(id), r.msg.received_at));
+            let at = r.msg.received_at;
+            match r.kind {
+                Kind::Source(source) => {
+                    let mut first = None;
+                    let entry = self.entry(id, |id| {
+                        let (s, c) = Status::new_online(id, at);
+                        first = Some(c);
+                        s
+                    });
+                    if tracked {
+                        match first {
+                            Some(c) => changes.push(c),
+                            None => changes.extend(entry.presence.seen(|| Arc::from(id), at)),
+                        }
                     }
-                    e
+                    entry.last_seen = now;
+                    entry.addr.do_send(DeviceReading { source, msg: r.msg });
                 }
-                None => {
-                    let id: Arc<str> = Arc::from(id);
-                    let actor =
-                        DeviceActor::new(id.clone(), self.buffer.clone(), self.metrics.clone());
-                    let (status, change) = Status::new_online(&id, r.msg.received_at);
-                    if self.presence.is_some() {
-                        changes.push(change);
+                Kind::Status => {
+                    let Some(p) = &self.presence else { continue };
+                    let Some(spec) = p.status.clone() else {
+                        continue;
+                    };
+                    match presence::parse_status(&spec, &r.msg.payload) {
+                        Ok(None) => {}
+                        Ok(Some(online)) => {
+                            let mut first = None;
+                            let entry = self.entry(id, |id| {
+                                let (s, c) = Status::announced(id, online, at);
+                                first = Some(c);
+                                s
+                            });
+                            match first {
+                                Some(c) => changes.push(c),
+                                None => {
+                                    let id: Arc<str> = Arc::from(id);
+                                    changes.extend(entry.presence.announce(&id, online, at));
+                                }
+                            }
+                            entry.last_seen = now;
+                        }
+                        Err(error) => dead.push(DeadLetter {
+                            source: Some(p.name.to_string()),
+                            error,
+                            topic: r.msg.topic,
+                            payload: r.msg.payload,
+                            reason: reason::BAD_STATUS,
+                            received_at: at,
+                        }),
                     }
-                    self.devices.entry(id).or_insert(Entry {
-                        addr: actor.start(),
-                        last_seen: now,
-                        presence: status,
-                    })
                 }
-            };
-            entry.last_seen = now;
-            entry.addr.do_send(DeviceReading {
-                source: r.source,
-                msg: r.msg,
-            });
+            }
         }
         self.record(changes);
+        if !dead.is_empty() {
+            let _ = self
+                .buffer
+                .borrow()
+                .out
+                .send(EngineEvent::DeadLetters(dead));
+        }
     }
 }
 
@@ -241,7 +337,7 @@ impl Handler<FlushNow> for ShardRouter {
                 futures::future::join_all(syncs).await;
             }
             .into_actor(self)
-            .map(|_, act, _| act.buffer.borrow_mut().flush_all(act.presence)),
+            .map(|_, act, _| act.buffer.borrow_mut().flush_all(act.presence.as_ref())),
         )
     }
 }
@@ -292,6 +388,7 @@ pub fn start_shards(
                 for i in 0..n {
                     let arbiter = actix::Arbiter::new();
                     let (shapes, out, metrics) = (shapes.clone(), out.clone(), metrics.clone());
+                    let presence = presence.clone();
                     let buffer = ShardBuffer::new(&shapes, out, crate::decode::MAX_BUFFERED_ROWS);
                     let buffer = match buffer {
                         Ok(b) => b,
@@ -309,6 +406,7 @@ pub fn start_shards(
                             idle_timeout,
                             flush_interval,
                             presence,
+                            counted: [0, 0],
                         });
                     routers.push(router);
                 }

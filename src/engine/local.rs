@@ -14,6 +14,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 
 use super::runner::{Output, Outputs, Runner};
 use crate::decode::{DeadLetter, Message, SourceDecoder, SourceShape, reason, route};
+use crate::device::PresenceConfig;
 use crate::device::presence::{self, Status};
 use crate::metrics::Metrics;
 use crate::pipeline::CompiledPipeline;
@@ -24,7 +25,7 @@ pub struct Local {
     runner: Runner,
     shapes: Vec<Arc<SourceShape>>,
     decoders: Vec<SourceDecoder>,
-    presence: Option<(usize, i64)>,
+    presence: Option<PresenceConfig>,
     devices: HashMap<Arc<str>, Status>,
     tables: Vec<(String, Captured)>,
     pub metrics: Arc<Metrics>,
@@ -60,10 +61,7 @@ impl Local {
             .collect();
         let dead_letters = capture(super::DEAD_LETTERS);
         let late_rows = capture(super::LATE_ROWS);
-        let presence = pipeline
-            .presence
-            .as_ref()
-            .map(|(p, stream)| (*stream, p.timeout.as_millis() as i64));
+        let presence = PresenceConfig::of(&pipeline);
         let runner = Runner::new(
             pipeline,
             Outputs {
@@ -93,17 +91,13 @@ impl Local {
             payload: Bytes::copy_from_slice(payload),
             received_at: at,
         };
-        match route(&self.shapes, topic) {
-            None => self.runner.dead_letters(vec![DeadLetter {
-                source: None,
-                error: format!("topic `{topic}` matches no source"),
-                topic: msg.topic,
-                payload: msg.payload,
-                reason: reason::NO_SOURCE,
-                received_at: at,
-            }]),
-            Some((source, device)) => {
-                if let Some((stream, _)) = self.presence {
+        let status = self.presence.as_ref().and_then(|p| {
+            let device = crate::ingest::status_device(&p.status.as_ref()?.topic, topic)?;
+            Some((p.clone(), device))
+        });
+        match (route(&self.shapes, topic), status) {
+            (Some((source, device)), _) => {
+                if let Some(p) = &self.presence {
                     let id = &topic[device];
                     let change = match self.devices.get_mut(id) {
                         Some(s) => s.seen(|| Arc::from(id), at),
@@ -114,11 +108,8 @@ impl Local {
                             Some(c)
                         }
                     };
-                    if let Some(c) = change {
-                        if let Ok(b) = presence::rows(&[c]) {
-                            self.runner.rows(stream, b, at);
-                        }
-                    }
+                    let stream = p.stream;
+                    self.presence_rows(stream, change.into_iter().collect(), at);
                 }
                 self.decoders[source].push(msg);
                 let (batch, dead) = self.decoders[source].flush();
@@ -129,6 +120,40 @@ impl Local {
                     self.runner.rows(source, b, at);
                 }
             }
+            (None, Some((p, device))) => {
+                let spec = p.status.as_ref().expect("matched a status topic");
+                match presence::parse_status(spec, payload) {
+                    Ok(None) => {}
+                    Ok(Some(online)) => {
+                        let id: Arc<str> = Arc::from(&topic[device]);
+                        let change = match self.devices.get_mut(&id) {
+                            Some(s) => s.announce(&id, online, at),
+                            None => {
+                                let (s, c) = Status::announced(&id, online, at);
+                                self.devices.insert(id, s);
+                                Some(c)
+                            }
+                        };
+                        self.presence_rows(p.stream, change.into_iter().collect(), at);
+                    }
+                    Err(error) => self.runner.dead_letters(vec![DeadLetter {
+                        source: Some(p.name.to_string()),
+                        error,
+                        topic: msg.topic,
+                        payload: msg.payload,
+                        reason: reason::BAD_STATUS,
+                        received_at: at,
+                    }]),
+                }
+            }
+            (None, None) => self.runner.dead_letters(vec![DeadLetter {
+                source: None,
+                error: format!("topic `{topic}` matches no source"),
+                topic: msg.topic,
+                payload: msg.payload,
+                reason: reason::NO_SOURCE,
+                received_at: at,
+            }]),
         }
         self.runner.run_micro_batches().await;
         self.advance(at).await;
@@ -136,20 +161,27 @@ impl Local {
 
     /// Moves time to `now`: silent devices go offline, windows whose watermark passed close.
     pub async fn advance(&mut self, now: i64) {
-        if let Some((stream, timeout)) = self.presence {
+        if let Some(p) = &self.presence {
+            let (stream, timeout) = (p.stream, p.timeout.as_millis() as i64);
             let mut changes: Vec<_> = self
                 .devices
                 .iter_mut()
                 .filter_map(|(id, s)| s.check(id, now, timeout))
                 .collect();
             changes.sort_by(|a, b| a.device.cmp(&b.device));
-            if !changes.is_empty() {
-                if let Ok(b) = presence::rows(&changes) {
-                    self.runner.rows(stream, b, now);
-                }
-            }
+            self.presence_rows(stream, changes, now);
         }
         self.runner.tick(now).await;
+    }
+
+    fn presence_rows(&mut self, stream: usize, changes: Vec<presence::Change>, at: i64) {
+        if changes.is_empty() {
+            return;
+        }
+        match presence::rows(&changes) {
+            Ok(b) => self.runner.rows(stream, b, at),
+            Err(e) => tracing::error!("presence rows: {e}"),
+        }
     }
 
     /// The end of input: every open window closes, as at shutdown.

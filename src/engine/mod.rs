@@ -153,13 +153,7 @@ pub async fn run(
         metrics.clone(),
         cfg.device_idle_timeout,
         cfg.flush_interval,
-        pipeline
-            .presence
-            .as_ref()
-            .map(|(p, stream)| crate::device::PresenceConfig {
-                stream: *stream,
-                timeout: p.timeout,
-            }),
+        crate::device::PresenceConfig::of(&pipeline),
     )?;
 
     let outputs = Outputs {
@@ -169,6 +163,10 @@ pub async fn run(
         late_rows: Output::Parquet(late_rows),
     };
     let sim_plan = crate::simulate::Plan::from_pipeline(&pipeline);
+    let pipeline_status = pipeline
+        .presence
+        .as_ref()
+        .and_then(|(p, _)| p.status.as_ref().map(|s| s.topic.clone()));
     let runner =
         Runner::new(pipeline, outputs, metrics.clone()).with_reload(runner::ReloadContext {
             paths: cfg.pipelines.clone(),
@@ -188,6 +186,7 @@ pub async fn run(
             client_id: cfg.client_id.clone(),
             sources: shapes,
             qos,
+            status: pipeline_status,
         },
         shards.routers.clone(),
         tx.clone(),

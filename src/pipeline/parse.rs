@@ -79,13 +79,31 @@ pub enum FileFormat {
 }
 
 /// The stream of devices' status changes: online when a device's first reading arrives,
-/// offline when it has been silent for `timeout`.
+/// offline when it has been silent for `timeout`; and, with a status topic, whatever the
+/// device (or the broker, by its last will) announces there.
 #[derive(Debug, Clone)]
 pub struct PresenceSpec {
     pub name: String,
     pub timeout: Duration,
+    pub status: Option<StatusTopicSpec>,
     pub loc: Loc,
 }
+
+/// A topic where devices announce themselves (`online`) and where their last will says
+/// `offline` when the broker loses them.
+#[derive(Debug, Clone)]
+pub struct StatusTopicSpec {
+    pub topic: TopicPattern,
+    /// Payloads meaning online / offline, lower case; compared case-insensitively.
+    pub online: Vec<String>,
+    pub offline: Vec<String>,
+}
+
+/// Status payloads understood unless the pipeline says otherwise: the words of the common
+/// conventions (plain, Tasmota's `Online`/`Offline`, Homie's `ready`/`lost`, Shelly's
+/// `true`/`false`).
+pub const DEFAULT_ONLINE: &[&str] = &["online", "ready", "connected", "true", "1"];
+pub const DEFAULT_OFFLINE: &[&str] = &["offline", "lost", "disconnected", "false", "0"];
 
 #[derive(Debug, Clone)]
 pub struct SourceSpec {
@@ -165,7 +183,14 @@ const SOURCE_OPTIONS: &[&str] = &[
 const MQTT_SINK_OPTIONS: &[&str] = &["connector", "type", "topic", "qos", "retain"];
 const PARQUET_SINK_OPTIONS: &[&str] = &["connector", "type"];
 const FILE_OPTIONS: &[&str] = &["connector", "type", "path", "format", "header", "delimiter"];
-const PRESENCE_OPTIONS: &[&str] = &["connector", "type", "timeout"];
+const PRESENCE_OPTIONS: &[&str] = &[
+    "connector",
+    "type",
+    "timeout",
+    "status_topic",
+    "online_values",
+    "offline_values",
+];
 const CONNECTORS: &[&str] = &["mqtt", "parquet", "file", "presence"];
 
 /// Parses one or more pipeline files into one pipeline; names are global across files.
@@ -289,8 +314,14 @@ impl Parsed {
                         Some((t, l)) => parse_duration(&t).map_err(|e| l.error(e))?,
                         None => Duration::from_secs(60),
                     };
+                    let status = status_topic(&mut opts)?;
                     opts.finish(PRESENCE_OPTIONS, "a presence table")?;
-                    self.spec.presence = Some(PresenceSpec { name, timeout, loc });
+                    self.spec.presence = Some(PresenceSpec {
+                        name,
+                        timeout,
+                        status,
+                        loc,
+                    });
                 } else if kind == "source" {
                     let source = self.source(name, ct.columns, opts, loc)?;
                     self.spec.sources.push(source);
@@ -464,6 +495,52 @@ impl Parsed {
             Err(Diagnostics(errors))
         }
     }
+}
+
+/// The presence table's status topic options, if `status_topic` is given.
+fn status_topic(opts: &mut Options) -> Result<Option<StatusTopicSpec>, Diagnostic> {
+    let Some((text, tloc)) = opts.take("status_topic") else {
+        for key in ["online_values", "offline_values"] {
+            if let Some((_, l)) = opts.take(key) {
+                return Err(l
+                    .error(format!("`{key}` needs a `status_topic`"))
+                    .with_help("add e.g. status_topic = '{device_id}/status'"));
+            }
+        }
+        return Ok(None);
+    };
+    let topic = TopicPattern::parse(&text).map_err(|e| tloc.error(e))?;
+    if !topic.captures().any(|c| c == DEVICE_ID) {
+        return Err(tloc
+            .error("a status topic must capture the device id")
+            .with_help("write e.g. status_topic = '{device_id}/status'"));
+    }
+    let mut values = |key: &str, default: &[&str]| -> (Vec<String>, Loc) {
+        match opts.take(key) {
+            Some((v, l)) => (v.split(',').map(|w| w.trim().to_lowercase()).collect(), l),
+            None => (
+                default.iter().map(|w| w.to_string()).collect(),
+                tloc.clone(),
+            ),
+        }
+    };
+    let (online, onloc) = values("online_values", DEFAULT_ONLINE);
+    let (offline, offloc) = values("offline_values", DEFAULT_OFFLINE);
+    for (words, l) in [(&online, &onloc), (&offline, &offloc)] {
+        if words.iter().any(|w| w.is_empty()) {
+            return Err(l
+                .error("an empty status value")
+                .with_help("list the payloads as comma-separated words, e.g. 'online,up'"));
+        }
+    }
+    if let Some(w) = online.iter().find(|w| offline.contains(w)) {
+        return Err(offloc.error(format!("`{w}` means both online and offline")));
+    }
+    Ok(Some(StatusTopicSpec {
+        topic,
+        online,
+        offline,
+    }))
 }
 
 fn sink(

@@ -516,7 +516,9 @@ fn example_machine_health() {
 }
 
 /// Fleet presence: a device silent past the timeout (10 s) is listed with its last_seen
-/// and alerted on MQTT; a device that keeps reporting is not.
+/// and alerted on MQTT; a device whose connection drops is listed at once, by its last will
+/// on the status topic; a device that keeps reporting is not. `fleetsql_devices` counts
+/// them by status.
 #[test]
 fn example_fleet_presence() {
     let test = "example_fleet_presence";
@@ -541,21 +543,48 @@ fn example_fleet_presence() {
             "{\"battery\": 3.9}".to_string(),
         )
     };
+    // van-3 is a real MQTT client with a last will, connected (its probe came back).
+    let van3 = Subscriber::start_with(
+        port,
+        "fleet/van-3/commands",
+        "fleet/van-3/commands",
+        &[
+            "-i",
+            "van-3",
+            "--will-topic",
+            "fleet/van-3/status",
+            "--will-payload",
+            "offline",
+        ],
+    );
     let before = now_ms();
     let started = Instant::now();
-    publish_and_ingest(&engine, port, "telemetry", &[van("van-1"), van("van-2")], 2);
+    publish_and_ingest(
+        &engine,
+        port,
+        "telemetry",
+        &[van("van-1"), van("van-2"), van("van-3")],
+        3,
+    );
     let after = now_ms();
+    let dropped_at = now_ms();
+    van3.kill();
 
     // van-2 keeps reporting (every 500 ms, well inside the timeout) until van-1's alert.
-    let mut sent = 2;
+    let mut sent = 3;
+    let mut van3_alert_after = None;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while sub.count() == 0 {
+    while sub.count() < 2 {
         assert!(
             Instant::now() < deadline,
-            "no offline alert within 20 s; log:\n{}",
+            "{} offline alerts within 20 s; log:\n{}",
+            sub.count(),
             engine.log()
         );
         std::thread::sleep(Duration::from_millis(500));
+        if van3_alert_after.is_none() && sub.count() == 1 {
+            van3_alert_after = Some(started.elapsed());
+        }
         sent += 1;
         publish_and_ingest(&engine, port, "telemetry", &[van("van-2")], sent);
     }
@@ -564,38 +593,63 @@ fn example_fleet_presence() {
         silent_for >= Duration::from_secs(10),
         "van-1 went offline after {silent_for:?}, before the 10 s timeout"
     );
+    let van3_after = van3_alert_after.expect("van-3's alert came first, by itself");
+    assert!(
+        van3_after < Duration::from_secs(8),
+        "van-3's will was acted on after {van3_after:?}, not at once"
+    );
+    let by_status = |s: &str| engine.metric(&format!("fleetsql_devices{{status=\"{s}\"}}"));
+    wait_until(Duration::from_secs(10), "devices counted by status", || {
+        by_status("online") == Some(1.0) && by_status("offline") == Some(2.0)
+    });
     assert_eq!(engine.terminate(), 0, "SIGTERM exits 0");
     let alerts = received_after_fence(port, &sub, "fleet/alerts/fence");
-    assert_eq!(alerts.len(), 1, "one alert: {alerts:?}");
-    assert_eq!(alerts[0].0, "fleet/alerts/offline");
-    let alert: serde_json::Value = serde_json::from_str(&alerts[0].1).unwrap();
-    assert_eq!(alert["device_id"], "van-1", "{alert}");
+    assert_eq!(alerts.len(), 2, "two alerts: {alerts:?}");
+    let alert = |i: usize| -> serde_json::Value {
+        assert_eq!(alerts[i].0, "fleet/alerts/offline");
+        serde_json::from_str(&alerts[i].1).unwrap()
+    };
+    assert_eq!(alert(0)["device_id"], "van-3", "{}", alert(0));
+    assert_eq!(alert(1)["device_id"], "van-1", "{}", alert(1));
 
     let d = data.path().display();
     let rows = json_rows(format!(
         "SELECT device_id, CAST(last_seen AS BIGINT) AS last_seen, CAST(since AS BIGINT) AS since, \
-         CAST(detected_at AS BIGINT) AS detected_at FROM '{d}/offline/'"
+         CAST(detected_at AS BIGINT) AS detected_at FROM '{d}/offline/' ORDER BY device_id"
     ));
-    assert_eq!(rows.len(), 1, "only van-1 is offline: {rows:?}");
-    let row: serde_json::Value = serde_json::from_str(&rows[0]).unwrap();
-    assert_eq!(row["device_id"], "van-1", "{row}");
-    let ms = |c: &str| row[c].as_i64().unwrap_or_else(|| panic!("{c} in {row}"));
-    let (last_seen, since, detected_at) = (ms("last_seen"), ms("since"), ms("detected_at"));
-    // Receive time: after the publish began, and within the ingest wait after it.
-    assert!(
-        (before..=after).contains(&last_seen),
-        "last_seen {last_seen} not within the publish, {before}..={after}"
+    assert_eq!(rows.len(), 2, "van-1 and van-3 are offline: {rows:?}");
+    let row = |i: usize| -> serde_json::Value { serde_json::from_str(&rows[i]).unwrap() };
+    let ms = |r: &serde_json::Value, c: &str| r[c].as_i64().unwrap_or_else(|| panic!("{c} in {r}"));
+    for r in [row(0), row(1)] {
+        // Receive time: after the publish began, and within the ingest wait after it.
+        let last_seen = ms(&r, "last_seen");
+        assert!(
+            (before..=after).contains(&last_seen),
+            "last_seen {last_seen} not within the publish, {before}..={after}: {r}"
+        );
+    }
+    let (van1, van3) = (row(0), row(1));
+    assert_eq!(van1["device_id"], "van-1");
+    assert_eq!(
+        ms(&van1, "since"),
+        ms(&van1, "last_seen"),
+        "offline since its last message"
     );
-    assert_eq!(since, last_seen, "offline since its last message");
-    let silence = detected_at - last_seen;
+    let silence = ms(&van1, "detected_at") - ms(&van1, "last_seen");
     assert!(
         (10_000..=14_000).contains(&silence),
         "noticed {silence} ms after the last message (timeout 10 s, checked every 2.5 s)"
     );
+    assert_eq!(van3["device_id"], "van-3");
+    assert!(
+        ms(&van3, "since") >= dropped_at && ms(&van3, "since") < dropped_at + 8_000,
+        "van-3 offline since its will arrived, just after {dropped_at}: {van3}"
+    );
+    assert_eq!(ms(&van3, "detected_at"), ms(&van3, "since"));
     assert_eq!(
-        alert["last_seen"].as_str().map(str::to_string),
+        alert(1)["last_seen"].as_str().map(str::to_string),
         Some(
-            chrono::DateTime::from_timestamp_millis(last_seen)
+            chrono::DateTime::from_timestamp_millis(ms(&van1, "last_seen"))
                 .unwrap()
                 .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
         ),

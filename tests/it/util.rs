@@ -221,7 +221,13 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn start(port: u16, filter: &str, probe_topic: &str) -> Subscriber {
+        Subscriber::start_with(port, filter, probe_topic, &[])
+    }
+
+    /// With more `mosquitto_sub` arguments, e.g. a client id and a last will.
+    pub fn start_with(port: u16, filter: &str, probe_topic: &str, extra: &[&str]) -> Subscriber {
         let mut child = Command::new("mosquitto_sub")
+            .args(extra)
             .args([
                 "-h",
                 "127.0.0.1",
@@ -272,6 +278,15 @@ impl Subscriber {
 
     pub fn count(&self) -> usize {
         self.lines.lock().unwrap().len()
+    }
+
+    /// SIGKILL: the connection drops without a DISCONNECT, as when a device loses power or
+    /// network, so the broker publishes the client's last will.
+    pub fn kill(mut self) {
+        if let Some(c) = self.proc.0.as_mut() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 }
 
