@@ -146,7 +146,7 @@ fn qos(q: u8) -> QoS {
 
 /// Matches topics to sources and batches readings per shard: whatever is queued is taken
 /// at once (`recv_many`), so batches grow with load and latency stays low when idle.
-async fn route(
+pub async fn route(
     mut rx: mpsc::Receiver<Message>,
     sources: Vec<Arc<SourceShape>>,
     status: Option<TopicPattern>,

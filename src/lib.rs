@@ -19,8 +19,11 @@
 //!                  and compiled with DataFusion; reference tables
 //! functions        engine SQL functions whose state spans windows
 //! simulate         simulated devices for zero-setup runs and tests
+//! bench            load generators and measurements behind `benches/`
+//! mem              resident memory, and returning freed memory to the system
 //! ```
 
+pub mod bench;
 pub mod broker;
 pub mod cli;
 pub mod decode;
@@ -28,6 +31,7 @@ pub mod device;
 pub mod engine;
 pub mod functions;
 pub mod ingest;
+pub mod mem;
 pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;

@@ -152,7 +152,13 @@ pub struct ShardRouter {
     presence: Option<PresenceConfig>,
     /// Devices online and offline in this shard as last added to `fleetsql_devices`.
     counted: [i64; 2],
+    /// Many actors retired at the last sweep: give their memory back at this one, once
+    /// they have stopped and freed it.
+    trim_pending: bool,
 }
+
+/// Retiring at least this many actors at once is worth returning memory to the system.
+const TRIM_AFTER_RETIRING: usize = 1000;
 
 impl Actor for ShardRouter {
     type Context = Context<Self>;
@@ -180,6 +186,10 @@ impl ShardRouter {
         let now_ms = crate::time::now_ms();
         let timeout = self.idle_timeout;
         let presence = self.presence.as_ref().map(|p| p.timeout.as_millis() as i64);
+        if std::mem::take(&mut self.trim_pending) {
+            crate::mem::trim();
+        }
+        let before = self.devices.len();
         let mut changes = Vec::new();
         self.devices.retain(|id, e| {
             if let Some(p) = presence {
@@ -194,6 +204,10 @@ impl ShardRouter {
             }
             keep
         });
+        if before - self.devices.len() >= TRIM_AFTER_RETIRING {
+            self.devices.shrink_to_fit();
+            self.trim_pending = true;
+        }
         self.record(changes);
         self.count_devices();
     }
@@ -407,6 +421,7 @@ pub fn start_shards(
                             flush_interval,
                             presence,
                             counted: [0, 0],
+                            trim_pending: false,
                         });
                     routers.push(router);
                 }

@@ -61,13 +61,34 @@ pub struct EngineConfig {
     pub shards: usize,
 }
 
+/// Where telemetry comes from.
+pub enum Input {
+    /// The broker: the engine subscribes to the pipeline's topics. The normal case.
+    Mqtt,
+    /// Messages handed in by the caller, already stamped with their receive time. The
+    /// benchmarks drive the whole engine but the MQTT client this way; the engine stops
+    /// when the sender is dropped (or `stop` resolves).
+    Channel(mpsc::Receiver<crate::decode::Message>),
+}
+
 /// Runs the pipeline until `stop` resolves, then shuts down cleanly.
 pub async fn run(
     cfg: EngineConfig,
     pipeline: CompiledPipeline,
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let metrics = Metrics::new();
+    run_with(cfg, pipeline, Input::Mqtt, Metrics::new(), stop).await
+}
+
+/// [`run`], with telemetry from `input` and the caller's metrics registry (which the
+/// benchmarks read in process).
+pub async fn run_with(
+    cfg: EngineConfig,
+    pipeline: CompiledPipeline,
+    input: Input,
+    metrics: Arc<Metrics>,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     metrics.init_series(&pipeline);
     let (metrics_addr, metrics_task) =
         crate::metrics::serve(cfg.metrics_addr, metrics.clone()).await?;
@@ -180,19 +201,36 @@ pub async fn run(
         metrics.clone(),
         stop_rx.clone(),
     ));
-    let ingest = tokio::spawn(crate::ingest::run(
-        crate::ingest::IngestConfig {
-            broker: broker.clone(),
-            client_id: cfg.client_id.clone(),
-            sources: shapes,
-            qos,
-            status: pipeline_status,
-        },
-        shards.routers.clone(),
-        tx.clone(),
-        metrics.clone(),
-        stop_rx.clone(),
-    ));
+    let from_channel = matches!(input, Input::Channel(_));
+    let ingest = match input {
+        Input::Mqtt => tokio::spawn(crate::ingest::run(
+            crate::ingest::IngestConfig {
+                broker: broker.clone(),
+                client_id: cfg.client_id.clone(),
+                sources: shapes,
+                qos,
+                status: pipeline_status,
+            },
+            shards.routers.clone(),
+            tx.clone(),
+            metrics.clone(),
+            stop_rx.clone(),
+        )),
+        Input::Channel(rx) => {
+            let route = crate::ingest::route(
+                rx,
+                shapes,
+                pipeline_status,
+                shards.routers.clone(),
+                tx.clone(),
+                metrics.clone(),
+            );
+            tokio::spawn(async move {
+                route.await;
+                Ok(())
+            })
+        }
+    };
     let sim = if cfg.simulate > 0 {
         Some(tokio::spawn(crate::simulate::run(
             sim_plan,
@@ -210,13 +248,15 @@ pub async fn run(
     tokio::select! {
         _ = stop => tracing::info!("stopping: flushing open windows and files"),
         r = &mut ingest => {
-            // Ingest only ends on its own when it cannot run at all.
-            let _ = stop_tx.send(true);
-            return match r {
-                Ok(Ok(())) => Err(anyhow::anyhow!("ingest stopped unexpectedly")),
-                Ok(Err(e)) => Err(e),
-                Err(e) => Err(e.into()),
-            };
+            let r = r.map_err(anyhow::Error::from).and_then(|r| r);
+            if !from_channel || r.is_err() {
+                // MQTT ingest only ends on its own when it cannot run at all.
+                let _ = stop_tx.send(true);
+                return r.and(Err(anyhow::anyhow!("ingest stopped unexpectedly")));
+            }
+            // The caller's input ended: shut down as if stopped.
+            tracing::info!("input ended: flushing open windows and files");
+            ingest = tokio::spawn(async { Ok(()) });
         }
     }
 

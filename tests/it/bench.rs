@@ -1,0 +1,36 @@
+//! The benchmarks in smoke mode: they run and their checks hold, at a size that takes
+//! seconds. How fast is for `cargo bench`, not for tests.
+
+use std::time::Duration;
+
+/// The fleet benchmark with 300 devices: every reading stored (raw table and per-device
+/// counts read back from Parquet), every window's results out, every actor retired.
+#[test]
+fn fleet_benchmark_smoke() {
+    let dir = tempfile::tempdir().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let report = rt
+        .block_on(fleetsql::bench::fleet::run(
+            fleetsql::bench::fleet::Options {
+                devices: 300,
+                seconds: 3,
+                window: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(2),
+                shards: 2,
+                data_dir: dir.path().to_path_buf(),
+                verbose: false,
+            },
+        ))
+        .unwrap();
+    println!("{}", report.markdown());
+    assert_eq!(report.readings, 900, "3 s of 300 devices at 1/s");
+    assert_eq!(report.raw_rows, 900, "every reading in the raw table");
+    assert_eq!(
+        report.aggregated_rows, 900,
+        "every reading in a window's count"
+    );
+    assert_eq!(report.actors_peak, 300);
+    assert_eq!(report.actors_after_retire, 0, "idle actors retired");
+    assert_eq!(report.window_close.len(), 3, "each 1-second window closed");
+    assert!(report.rss_peak >= report.rss_baseline && report.rss_baseline > 0);
+}
