@@ -1,5 +1,5 @@
 //! The process's memory as the operating system sees it: the resident set size, and giving
-//! freed heap pages back. Used when many device actors retire at once (their memory would
+//! freed heap pages back; and its CPU time. Used when many device actors retire at once (their memory would
 //! otherwise stay with the allocator) and by the benchmarks that report memory.
 
 /// Resident set size in bytes (Linux: `/proc/self/statm`); `None` elsewhere.
@@ -20,4 +20,18 @@ pub fn trim() {
     unsafe {
         libc::malloc_trim(0);
     }
+}
+
+/// CPU time (user + system) this process has used so far.
+pub fn cpu_time() -> std::time::Duration {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return std::time::Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        std::time::Duration::from_secs(t.tv_sec as u64)
+            + std::time::Duration::from_micros(t.tv_usec as u64)
+    };
+    tv(u.ru_utime) + tv(u.ru_stime)
 }

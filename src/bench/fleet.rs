@@ -49,6 +49,9 @@ pub struct Report {
     pub rate: f64,
     /// How far the feed fell behind its schedule at worst: the engine pushing back.
     pub max_feed_lag: Duration,
+    /// CPU time of the whole process (engine and generator) from the first reading until
+    /// the last window closed, per reading.
+    pub cpu_per_reading: Duration,
     pub rss_baseline: u64,
     pub rss_peak: u64,
     /// Every device known and idle, every window closed.
@@ -90,6 +93,7 @@ impl Report {
             "| figure | value |\n|---|---|\n\
              | devices | {} |\n\
              | readings sent | {} in {:.1} s ({:.0}/s; feed at most {:.0} ms behind schedule) |\n\
+             | CPU per reading (whole process, generator included) | {:.2} us |\n\
              | RSS before the first reading | {:.1} MiB |\n\
              | RSS peak | {:.1} MiB |\n\
              | RSS with every device idle, windows closed | {:.1} MiB ({:.0} bytes per device above the baseline) |\n\
@@ -102,6 +106,7 @@ impl Report {
             self.send_seconds,
             self.rate,
             self.max_feed_lag.as_secs_f64() * 1e3,
+            self.cpu_per_reading.as_secs_f64() * 1e6,
             mb(self.rss_baseline),
             mb(self.rss_peak),
             mb(self.rss_idle),
@@ -202,6 +207,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let start_ms = (now / w_ms + 1) * w_ms;
     tokio::time::sleep(Duration::from_millis((start_ms - now) as u64)).await;
     let started = Instant::now();
+    let cpu_start = crate::mem::cpu_time();
 
     // Every 10 ms, the next hundredth of the fleet sends one reading.
     const TICK: Duration = Duration::from_millis(10);
@@ -248,6 +254,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     while closed() < windows_sent && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let cpu = crate::mem::cpu_time().saturating_sub(cpu_start);
     // Let the last files commit (roll interval) and the allocator settle.
     tokio::time::sleep(Duration::from_secs(3)).await;
     crate::mem::trim();
@@ -281,6 +288,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         send_seconds,
         rate: readings as f64 / send_seconds,
         max_feed_lag: max_lag,
+        cpu_per_reading: cpu / readings.max(1) as u32,
         rss_baseline,
         rss_peak: rss_peak.max(rss_idle),
         rss_idle,
