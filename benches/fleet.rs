@@ -44,6 +44,7 @@ fn main() -> anyhow::Result<()> {
                 .map(|n| n.get())
                 .unwrap_or(2)
         }),
+        max_backlog: 64 << 20,
         data_dir: dir.path().to_path_buf(),
         verbose: true,
     };

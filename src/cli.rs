@@ -81,6 +81,10 @@ pub struct RunArgs {
     /// Number of device shards (actix arbiters, one thread each); default: one per core.
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Bytes of decoded rows that may wait for the pipeline before ingest pauses (and the
+    /// broker holds the backlog instead).
+    #[arg(long, default_value_t = 64 << 20)]
+    pub max_backlog_bytes: usize,
     /// Reload the pipeline when a pipeline file changes (SIGHUP always reloads). Queries
     /// that did not change keep their window state; a file with errors is refused and the
     /// running pipeline stays.
@@ -114,6 +118,7 @@ impl RunArgs {
                 max_bytes: self.parquet_roll_bytes,
                 max_age: self.parquet_roll_interval,
             },
+            max_backlog: self.max_backlog_bytes,
             shards: self.shards.unwrap_or_else(|| {
                 std::thread::available_parallelism()
                     .map(|n| n.get())

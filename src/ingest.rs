@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use crate::decode::{DeadLetter, Message, SourceShape, reason};
 use crate::device::{Ingest, Kind, Reading, ShardRouter};
 use crate::engine::EngineEvent;
+use crate::engine::backlog::Backlog;
 use crate::metrics::Metrics;
 use crate::mqtt::BrokerUrl;
 use crate::pipeline::topic::TopicPattern;
@@ -40,6 +41,7 @@ pub async fn run(
     cfg: IngestConfig,
     shards: Vec<actix::Addr<ShardRouter>>,
     engine: mpsc::UnboundedSender<EngineEvent>,
+    backlog: Arc<Backlog>,
     metrics: Arc<Metrics>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -63,6 +65,7 @@ pub async fn run(
         cfg.status.clone(),
         shards,
         engine,
+        backlog,
         metrics.clone(),
     ));
 
@@ -152,6 +155,7 @@ pub async fn route(
     status: Option<TopicPattern>,
     shards: Vec<actix::Addr<ShardRouter>>,
     engine: mpsc::UnboundedSender<EngineEvent>,
+    backlog: Arc<Backlog>,
     metrics: Arc<Metrics>,
 ) {
     let hasher = std::collections::hash_map::RandomState::new();
@@ -210,6 +214,9 @@ pub async fn route(
         if !dead.is_empty() {
             let _ = engine.send(EngineEvent::DeadLetters(dead));
         }
+        // Rows waiting for the runner are bounded: past the limit, wait here (and so stop
+        // reading from the broker) until the runner catches up.
+        backlog.admit().await;
         // `send` respects the shard's mailbox capacity: a slow shard slows this loop down.
         let sends: Vec<_> = per_shard
             .into_iter()

@@ -35,6 +35,12 @@ pub struct Metrics {
     pub broker_connected: IntGaugeVec,
     pub broker_reconnects: IntCounterVec,
     pub window_close_latency: Histogram,
+    /// Bytes of decoded rows waiting for the pipeline runner.
+    pub backlog_bytes: IntGauge,
+    /// The most bytes the backlog has held.
+    pub backlog_peak_bytes: IntGauge,
+    /// Time ingest spent waiting for the backlog to drain.
+    pub backpressure_seconds: prometheus::Counter,
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -90,6 +96,27 @@ impl Metrics {
         )
         .expect("valid metric");
         r.register(Box::new(window_close_latency.clone()))
+            .expect("unique metric");
+        let backlog_bytes = IntGauge::new(
+            "fleetsql_backlog_bytes",
+            "Bytes of decoded rows waiting for the pipeline runner; ingest pauses at --max-backlog",
+        )
+        .expect("valid metric");
+        r.register(Box::new(backlog_bytes.clone()))
+            .expect("unique metric");
+        let backlog_peak_bytes = IntGauge::new(
+            "fleetsql_backlog_peak_bytes",
+            "The most bytes of decoded rows that have waited for the pipeline runner",
+        )
+        .expect("valid metric");
+        r.register(Box::new(backlog_peak_bytes.clone()))
+            .expect("unique metric");
+        let backpressure_seconds = prometheus::Counter::new(
+            "fleetsql_backpressure_seconds_total",
+            "Time ingest waited for the pipeline runner (the broker held the messages meanwhile)",
+        )
+        .expect("valid metric");
+        r.register(Box::new(backpressure_seconds.clone()))
             .expect("unique metric");
         Arc::new(Metrics {
             messages_received,
@@ -208,6 +235,9 @@ impl Metrics {
             device_actors,
             broker_connected,
             window_close_latency,
+            backlog_bytes,
+            backlog_peak_bytes,
+            backpressure_seconds,
             registry: r,
         })
     }

@@ -22,7 +22,6 @@ use tokio::sync::{mpsc, oneshot};
 use crate::decode::Message;
 use crate::engine::{EngineConfig, Input};
 use crate::metrics::Metrics;
-use crate::sink::parquet::RollPolicy;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -34,6 +33,8 @@ pub struct Options {
     /// Device actors retire after this long without a message.
     pub idle_timeout: Duration,
     pub shards: usize,
+    /// The engine's `--max-backlog-bytes`.
+    pub max_backlog: usize,
     /// Where the Parquet tables go; the caller cleans it up.
     pub data_dir: PathBuf,
     /// Print a line per second while running.
@@ -138,12 +139,6 @@ FROM TUMBLE(telemetry, event_time, INTERVAL '{WINDOW} seconds')
 GROUP BY window_start, device_id;
 ";
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Runs the fleet; see the module documentation.
 pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let window_s = opts.window.as_secs().max(1);
@@ -156,25 +151,12 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let pipeline = crate::pipeline::load(std::slice::from_ref(&pipeline_path))
         .await
         .map_err(|d| anyhow::anyhow!("{d}"))?;
-    let cfg = EngineConfig {
-        pipelines: vec![pipeline_path],
-        watch: false,
-        broker: None,
-        listen: format!("127.0.0.1:{}", free_port()?).parse()?,
-        data_dir: opts.data_dir.join("data"),
-        metrics_addr: "127.0.0.1:0".parse()?,
-        client_id: "fleet-bench".into(),
-        simulate: 0,
-        simulate_interval: Duration::from_secs(1),
-        device_idle_timeout: opts.idle_timeout,
-        flush_interval: Duration::from_millis(20),
-        // Files commit every few seconds, so idle memory is not rows waiting in a writer.
-        roll: RollPolicy {
-            max_bytes: 128 << 20,
-            max_age: Duration::from_secs(2),
-        },
-        shards: opts.shards.max(1),
-    };
+    let mut cfg = EngineConfig::in_process(vec![pipeline_path], opts.data_dir.join("data"))?;
+    cfg.device_idle_timeout = opts.idle_timeout;
+    cfg.shards = opts.shards.max(1);
+    cfg.max_backlog = opts.max_backlog;
+    // Files commit every two seconds (the default here), so idle memory is not rows
+    // waiting in a writer.
     let data_dir = cfg.data_dir.clone();
 
     // Topics first: they are the generator's, not the engine's, memory.

@@ -14,6 +14,7 @@ use super::actor::{DeviceActor, DeviceReading, Retire, Sync};
 use super::presence::{self, Change, Status};
 use crate::decode::{DeadLetter, Message as Msg, SourceDecoder, SourceShape, reason};
 use crate::engine::EngineEvent;
+use crate::engine::backlog::Backlog;
 use crate::metrics::Metrics;
 use crate::pipeline::parse::StatusTopicSpec;
 
@@ -51,6 +52,8 @@ pub struct ShardBuffer {
     max_rows: usize,
     /// Presence changes noticed since the last flush, for the presence stream.
     changes: Vec<Change>,
+    /// Bytes on their way to the runner: the topic router pauses while it is full.
+    backlog: Arc<Backlog>,
 }
 
 /// Where presence changes go, after how long a silent device is offline, and what its
@@ -80,6 +83,7 @@ impl ShardBuffer {
         shapes: &[Arc<SourceShape>],
         out: UnboundedSender<EngineEvent>,
         max_rows: usize,
+        backlog: Arc<Backlog>,
     ) -> anyhow::Result<Self> {
         let decoders = shapes
             .iter()
@@ -90,6 +94,7 @@ impl ShardBuffer {
             out,
             max_rows,
             changes: Vec::new(),
+            backlog,
         })
     }
 
@@ -107,6 +112,7 @@ impl ShardBuffer {
         let (batch, dead) = self.decoders[source].flush();
         // A closed channel means the engine is gone (shutdown); nothing left to tell.
         if let Some(batch) = batch {
+            self.backlog.add(batch.get_array_memory_size());
             let _ = self.out.send(EngineEvent::Rows {
                 stream: source,
                 batch,
@@ -126,6 +132,7 @@ impl ShardBuffer {
         if let (Some(p), false) = (presence, self.changes.is_empty()) {
             match presence::rows(&std::mem::take(&mut self.changes)) {
                 Ok(batch) => {
+                    self.backlog.add(batch.get_array_memory_size());
                     let _ = self.out.send(EngineEvent::Rows {
                         stream: p.stream,
                         batch,
@@ -391,6 +398,7 @@ pub fn start_shards(
     idle_timeout: Duration,
     flush_interval: Duration,
     presence: Option<PresenceConfig>,
+    backlog: Arc<Backlog>,
 ) -> anyhow::Result<Shards> {
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
@@ -403,7 +411,12 @@ pub fn start_shards(
                     let arbiter = actix::Arbiter::new();
                     let (shapes, out, metrics) = (shapes.clone(), out.clone(), metrics.clone());
                     let presence = presence.clone();
-                    let buffer = ShardBuffer::new(&shapes, out, crate::decode::MAX_BUFFERED_ROWS);
+                    let buffer = ShardBuffer::new(
+                        &shapes,
+                        out,
+                        crate::decode::MAX_BUFFERED_ROWS,
+                        backlog.clone(),
+                    );
                     let buffer = match buffer {
                         Ok(b) => b,
                         Err(e) => {

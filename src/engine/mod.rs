@@ -2,6 +2,7 @@
 //! together, and takes them down in order on shutdown so every open window and file is
 //! flushed.
 
+pub mod backlog;
 pub mod dedupe;
 pub mod local;
 pub mod runner;
@@ -59,6 +60,38 @@ pub struct EngineConfig {
     pub flush_interval: Duration,
     pub roll: RollPolicy,
     pub shards: usize,
+    /// Bytes of decoded rows that may wait for the pipeline runner before ingest pauses.
+    pub max_backlog: usize,
+}
+
+impl EngineConfig {
+    /// The engine in process, for benchmarks and tests: the embedded broker (for command
+    /// sinks) on a free loopback port, metrics on an ephemeral port, files committed every
+    /// two seconds; the rest as `fleetsql run`'s defaults. Adjust fields as needed.
+    pub fn in_process(pipelines: Vec<PathBuf>, data_dir: PathBuf) -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        Ok(EngineConfig {
+            pipelines,
+            watch: false,
+            broker: None,
+            listen: SocketAddr::from(([127, 0, 0, 1], port)),
+            data_dir,
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            client_id: format!("in-process-{port}"),
+            simulate: 0,
+            simulate_interval: Duration::from_secs(1),
+            device_idle_timeout: Duration::from_secs(300),
+            flush_interval: Duration::from_millis(20),
+            roll: RollPolicy {
+                max_bytes: 128 << 20,
+                max_age: Duration::from_secs(2),
+            },
+            shards: 2,
+            max_backlog: 64 << 20,
+        })
+    }
 }
 
 /// Where telemetry comes from.
@@ -166,7 +199,9 @@ pub async fn run_with(
         .map(|s| Arc::new(SourceShape::new(s)))
         .collect();
     let qos: Vec<u8> = pipeline.sources.iter().map(|s| s.spec.qos).collect();
+    // The channel is unbounded in messages but bounded in bytes by the backlog.
     let (tx, rx) = mpsc::unbounded_channel();
+    let backlog = Arc::new(backlog::Backlog::new(cfg.max_backlog, metrics.clone()));
     let shards = crate::device::start_shards(
         cfg.shards.max(1),
         shapes.clone(),
@@ -175,6 +210,7 @@ pub async fn run_with(
         cfg.device_idle_timeout,
         cfg.flush_interval,
         crate::device::PresenceConfig::of(&pipeline),
+        backlog.clone(),
     )?;
 
     let outputs = Outputs {
@@ -188,11 +224,12 @@ pub async fn run_with(
         .presence
         .as_ref()
         .and_then(|(p, _)| p.status.as_ref().map(|s| s.topic.clone()));
-    let runner =
-        Runner::new(pipeline, outputs, metrics.clone()).with_reload(runner::ReloadContext {
+    let runner = Runner::new(pipeline, outputs, metrics.clone())
+        .with_reload(runner::ReloadContext {
             paths: cfg.pipelines.clone(),
             open_sink: Box::new(open_sink),
-        });
+        })
+        .with_backlog(backlog.clone());
     let runner = tokio::spawn(runner.run(rx));
     let reloads = tokio::spawn(reload_triggers(
         cfg.pipelines.clone(),
@@ -213,6 +250,7 @@ pub async fn run_with(
             },
             shards.routers.clone(),
             tx.clone(),
+            backlog.clone(),
             metrics.clone(),
             stop_rx.clone(),
         )),
@@ -223,6 +261,7 @@ pub async fn run_with(
                 pipeline_status,
                 shards.routers.clone(),
                 tx.clone(),
+                backlog.clone(),
                 metrics.clone(),
             );
             tokio::spawn(async move {

@@ -213,6 +213,8 @@ pub struct Runner {
     reload: Option<ReloadContext>,
     /// Per source: duplicate detection, when the source declares a sequence field.
     dedupe: Vec<Option<Dedupe>>,
+    /// Told when rows from the channel have been taken (see [`Runner::run`]).
+    backlog: Option<Arc<super::backlog::Backlog>>,
 }
 
 impl Runner {
@@ -246,9 +248,16 @@ impl Runner {
             windowed: vec![],
             last_reference_check: i64::MIN,
             reload: None,
+            backlog: None,
         };
         r.index_readers();
         r
+    }
+
+    /// Reports the rows it takes from the channel to the backlog that bounds them.
+    pub fn with_backlog(mut self, backlog: Arc<super::backlog::Backlog>) -> Runner {
+        self.backlog = Some(backlog);
+        self
     }
 
     /// Lets the runner reload its pipeline (`EngineEvent::Reload`).
@@ -466,7 +475,13 @@ impl Runner {
                     while let Some(ev) = next {
                         match ev {
                             EngineEvent::Finish(done) => { finish = Some(done); break; }
-                            EngineEvent::Rows { stream, batch } => self.rows(stream, batch, now),
+                            EngineEvent::Rows { stream, batch } => {
+                                let bytes = batch.get_array_memory_size();
+                                self.rows(stream, batch, now);
+                                if let Some(b) = &self.backlog {
+                                    b.done(bytes);
+                                }
+                            }
                             EngineEvent::DeadLetters(d) => self.dead_letters(d),
                             EngineEvent::Reload(answer) => {
                                 self.run_micro_batches().await;

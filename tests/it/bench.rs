@@ -17,6 +17,7 @@ fn fleet_benchmark_smoke() {
                 window: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(2),
                 shards: 2,
+                max_backlog: 64 << 20,
                 data_dir: dir.path().to_path_buf(),
                 verbose: false,
             },

@@ -3,6 +3,7 @@
 //! the embedded broker, talk MQTT with mosquitto's own clients, scrape `/metrics`, and read
 //! the Parquet output back with DataFusion.
 
+mod backpressure;
 mod bench;
 mod cli;
 mod decode;
