@@ -20,6 +20,15 @@ use crate::pipeline::parse::StatusTopicSpec;
 pub const ONLINE: &str = "online";
 pub const OFFLINE: &str = "offline";
 
+/// What a device's message says about its presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// Telemetry: the device is alive.
+    Reading,
+    /// Its status topic said online (`true`) or offline (`false`).
+    Announced(bool),
+}
+
 /// One device's presence.
 #[derive(Debug, Clone, Copy)]
 pub struct Status {
@@ -41,10 +50,10 @@ pub struct Change {
 }
 
 impl Status {
-    /// A device seen for the first time (or again after it was retired) at `now`.
-    pub fn new_online(device: &Arc<str>, now: i64) -> (Status, Change) {
+    /// The status of a device first heard of at `now`, and the change to report.
+    pub fn first(device: &Arc<str>, signal: Signal, now: i64) -> (Status, Change) {
         let s = Status {
-            online: true,
+            online: !matches!(signal, Signal::Announced(false)),
             since: now,
             last_seen: now,
         };
@@ -61,31 +70,16 @@ impl Status {
         }
     }
 
-    /// A reading arrived at `now`; a device that was offline comes back online. `device`
-    /// is only called then, so the common case copies no id.
-    pub fn seen(&mut self, device: impl FnOnce() -> Arc<str>, now: i64) -> Option<Change> {
-        self.last_seen = self.last_seen.max(now);
-        if self.online {
-            return None;
-        }
-        self.online = true;
-        self.since = now;
-        Some(self.change(&device(), now))
-    }
-
-    /// A device seen first on its status topic, saying `online` at `now`.
-    pub fn announced(device: &Arc<str>, online: bool, now: i64) -> (Status, Change) {
-        let s = Status {
-            online,
-            since: now,
-            last_seen: now,
-        };
-        (s, s.change(device, now))
-    }
-
-    /// The device's status topic said `online` at `now`; a change if it was offline. An
-    /// announcement counts as a sign of life; an `offline` keeps the last reading's time.
-    pub fn announce(&mut self, device: &Arc<str>, online: bool, now: i64) -> Option<Change> {
+    /// A known device's message at `now`: a change if its status flips. A reading or an
+    /// `online` announcement counts as a sign of life; an `offline` one keeps the last
+    /// reading's time. `device` is only called on a change, so the common case copies no id.
+    pub fn next(
+        &mut self,
+        device: impl FnOnce() -> Arc<str>,
+        signal: Signal,
+        now: i64,
+    ) -> Option<Change> {
+        let online = !matches!(signal, Signal::Announced(false));
         if online {
             self.last_seen = self.last_seen.max(now);
         }
@@ -94,7 +88,7 @@ impl Status {
         }
         self.online = online;
         self.since = now;
-        Some(self.change(device, now))
+        Some(self.change(&device(), now))
     }
 
     /// Goes offline when silent for `timeout_ms` by `now`.

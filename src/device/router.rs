@@ -11,7 +11,7 @@ use actix::prelude::*;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::actor::{DeviceActor, DeviceReading, Retire, Sync};
-use super::presence::{self, Change, Status};
+use super::presence::{self, Change, Signal, Status};
 use crate::decode::{DeadLetter, Message as Msg, SourceDecoder, SourceShape, reason};
 use crate::engine::EngineEvent;
 use crate::engine::backlog::Backlog;
@@ -253,6 +253,25 @@ impl ShardRouter {
         self.buffer.borrow_mut().changes.extend(changes);
     }
 
+    /// What a status topic message says; a payload meaning neither is a dead letter.
+    fn status_of(&self, msg: &Msg) -> Result<Option<bool>, DeadLetter> {
+        let Some((p, spec)) = self
+            .presence
+            .as_ref()
+            .and_then(|p| Some((p, p.status.as_ref()?)))
+        else {
+            return Ok(None);
+        };
+        presence::parse_status(spec, &msg.payload).map_err(|error| DeadLetter {
+            source: Some(p.name.to_string()),
+            error,
+            topic: msg.topic.clone(),
+            payload: msg.payload.clone(),
+            reason: reason::BAD_STATUS,
+            received_at: msg.received_at,
+        })
+    }
+
     /// The device's entry, created with its actor on its first message.
     fn entry(&mut self, id: &str, status: impl FnOnce(&Arc<str>) -> Status) -> &mut Entry {
         if !self.devices.contains_key(id) {
@@ -281,58 +300,32 @@ impl Handler<Ingest> for ShardRouter {
         let mut dead = Vec::new();
         let tracked = self.presence.is_some();
         for r in readings {
-            let id = &r.msg.topic[r.device.clone()];
             let at = r.msg.received_at;
-            match r.kind {
-                Kind::Source(source) => {
-                    let mut first = None;
-                    let entry = self.entry(id, |id| {
-                        let (s, c) = Status::new_online(id, at);
-                        first = Some(c);
-                        s
-                    });
-                    if tracked {
-                        match first {
-                            Some(c) => changes.push(c),
-                            None => changes.extend(entry.presence.seen(|| Arc::from(id), at)),
-                        }
-                    }
-                    entry.last_seen = now;
-                    entry.addr.do_send(DeviceReading { source, msg: r.msg });
-                }
-                Kind::Status => {
-                    let Some(p) = &self.presence else { continue };
-                    let Some(spec) = p.status.clone() else {
+            let signal = match r.kind {
+                Kind::Source(_) => Signal::Reading,
+                Kind::Status => match self.status_of(&r.msg) {
+                    Ok(Some(online)) => Signal::Announced(online),
+                    Ok(None) => continue,
+                    Err(d) => {
+                        dead.push(d);
                         continue;
-                    };
-                    match presence::parse_status(&spec, &r.msg.payload) {
-                        Ok(None) => {}
-                        Ok(Some(online)) => {
-                            let mut first = None;
-                            let entry = self.entry(id, |id| {
-                                let (s, c) = Status::announced(id, online, at);
-                                first = Some(c);
-                                s
-                            });
-                            match first {
-                                Some(c) => changes.push(c),
-                                None => {
-                                    let id: Arc<str> = Arc::from(id);
-                                    changes.extend(entry.presence.announce(&id, online, at));
-                                }
-                            }
-                            entry.last_seen = now;
-                        }
-                        Err(error) => dead.push(DeadLetter {
-                            source: Some(p.name.to_string()),
-                            error,
-                            topic: r.msg.topic,
-                            payload: r.msg.payload,
-                            reason: reason::BAD_STATUS,
-                            received_at: at,
-                        }),
                     }
-                }
+                },
+            };
+            let id = &r.msg.topic[r.device.clone()];
+            let mut first = None;
+            let entry = self.entry(id, |id| {
+                let (s, c) = Status::first(id, signal, at);
+                first = Some(c);
+                s
+            });
+            let change = first.or_else(|| entry.presence.next(|| Arc::from(id), signal, at));
+            if tracked {
+                changes.extend(change);
+            }
+            entry.last_seen = now;
+            if let Kind::Source(source) = r.kind {
+                entry.addr.do_send(DeviceReading { source, msg: r.msg });
             }
         }
         self.record(changes);

@@ -15,7 +15,7 @@ use datafusion::arrow::record_batch::RecordBatch;
 use super::runner::{Output, Outputs, Runner};
 use crate::decode::{DeadLetter, Message, SourceDecoder, SourceShape, reason, route};
 use crate::device::PresenceConfig;
-use crate::device::presence::{self, Status};
+use crate::device::presence::{self, Signal, Status};
 use crate::metrics::Metrics;
 use crate::pipeline::CompiledPipeline;
 
@@ -97,20 +97,7 @@ impl Local {
         });
         match (route(&self.shapes, topic), status) {
             (Some((source, device)), _) => {
-                if let Some(p) = &self.presence {
-                    let id = &topic[device];
-                    let change = match self.devices.get_mut(id) {
-                        Some(s) => s.seen(|| Arc::from(id), at),
-                        None => {
-                            let id: Arc<str> = Arc::from(id);
-                            let (s, c) = Status::new_online(&id, at);
-                            self.devices.insert(id, s);
-                            Some(c)
-                        }
-                    };
-                    let stream = p.stream;
-                    self.presence_rows(stream, change.into_iter().collect(), at);
-                }
+                self.presence_signal(&topic[device], Signal::Reading, at);
                 self.decoders[source].push(msg);
                 let (batch, dead) = self.decoders[source].flush();
                 if !dead.is_empty() {
@@ -125,16 +112,7 @@ impl Local {
                 match presence::parse_status(spec, payload) {
                     Ok(None) => {}
                     Ok(Some(online)) => {
-                        let id: Arc<str> = Arc::from(&topic[device]);
-                        let change = match self.devices.get_mut(&id) {
-                            Some(s) => s.announce(&id, online, at),
-                            None => {
-                                let (s, c) = Status::announced(&id, online, at);
-                                self.devices.insert(id, s);
-                                Some(c)
-                            }
-                        };
-                        self.presence_rows(p.stream, change.into_iter().collect(), at);
+                        self.presence_signal(&topic[device], Signal::Announced(online), at)
                     }
                     Err(error) => self.runner.dead_letters(vec![DeadLetter {
                         source: Some(p.name.to_string()),
@@ -172,6 +150,24 @@ impl Local {
             self.presence_rows(stream, changes, now);
         }
         self.runner.tick(now).await;
+    }
+
+    /// A device's message, as the shard routers take it: its presence moves, and a change
+    /// becomes a row of the presence stream.
+    fn presence_signal(&mut self, id: &str, signal: Signal, at: i64) {
+        let Some(stream) = self.presence.as_ref().map(|p| p.stream) else {
+            return;
+        };
+        let change = match self.devices.get_mut(id) {
+            Some(s) => s.next(|| Arc::from(id), signal, at),
+            None => {
+                let id: Arc<str> = Arc::from(id);
+                let (s, c) = Status::first(&id, signal, at);
+                self.devices.insert(id, s);
+                Some(c)
+            }
+        };
+        self.presence_rows(stream, change.into_iter().collect(), at);
     }
 
     fn presence_rows(&mut self, stream: usize, changes: Vec<presence::Change>, at: i64) {
