@@ -72,12 +72,22 @@ pub struct RunArgs {
     /// Retire a device's actor after this long without a message.
     #[arg(long, default_value = "5m", value_parser = duration)]
     pub device_idle_timeout: Duration,
-    /// Commit Parquet files at least this often, so recent rows become queryable.
-    #[arg(long, default_value = "60s", value_parser = duration)]
-    pub parquet_roll_interval: Duration,
-    /// Commit a Parquet file once it reaches this many bytes.
+    /// Commit Parquet files, with a checkpoint of the engine's state, this often: recent
+    /// rows become queryable, and a crash replays at most this much of the log.
+    #[arg(long, alias = "parquet-roll-interval", default_value = "60s", value_parser = duration)]
+    pub commit_interval: Duration,
+    /// Finish a Parquet file once it reaches this many bytes (it is committed with the next
+    /// checkpoint).
     #[arg(long, default_value_t = 128 << 20)]
     pub parquet_roll_bytes: usize,
+    /// When the write-ahead log is forced to disk before messages are acknowledged:
+    /// `always` (survives a power cut) or `off` (survives a crash of the engine only).
+    #[arg(long, default_value = "always")]
+    pub fsync: crate::durable::wal::Fsync,
+    /// On stop, close every open window so its results are written now, instead of
+    /// keeping the windows in the checkpoint for the next start.
+    #[arg(long)]
+    pub drain: bool,
     /// Number of device shards (actix arbiters, one thread each); default: one per core.
     #[arg(long)]
     pub shards: Option<usize>,
@@ -116,9 +126,11 @@ impl RunArgs {
             flush_interval: Duration::from_millis(20),
             roll: RollPolicy {
                 max_bytes: self.parquet_roll_bytes,
-                max_age: self.parquet_roll_interval,
+                max_age: self.commit_interval,
             },
             max_backlog: self.max_backlog_bytes,
+            fsync: self.fsync,
+            drain_on_stop: self.drain,
             shards: self.shards.unwrap_or_else(|| {
                 std::thread::available_parallelism()
                     .map(|n| n.get())
@@ -142,6 +154,12 @@ pub fn main() -> i32 {
         )
         .with_writer(std::io::stderr)
         .init();
+    // A file-size limit (ulimit -f) must fail a write with an error the engine reports and
+    // stops on cleanly, like a full disk, rather than kill the process with SIGXFSZ.
+    // SAFETY: setting a signal's disposition to "ignore" runs no code in a handler.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("fleetsql")

@@ -1,20 +1,24 @@
-//! MQTT in: one client subscribed to every source's topic filter. It decodes nothing: the
-//! poll task only timestamps messages; the router task matches topics to sources, finds the
-//! device id and hands batches to the shards.
+//! MQTT in: one client subscribed to every source's topic filter. It decodes nothing:
+//! - the poll task timestamps messages;
+//! - the log task writes them to the write-ahead log, and only then acknowledges them to
+//!   the broker (manual acks): a message acknowledged is on disk;
+//! - the router task matches topics to sources, finds the device id, hands batches to the
+//!   shards, and every commit interval has the runner take a checkpoint.
 //!
-//! The two tasks are joined by a bounded channel: when the shards fall behind, the router
-//! waits, the channel fills, the poll task stops reading the socket, and the broker holds
+//! The tasks are joined by bounded channels: when the shards fall behind, the router
+//! waits, the channels fill, the poll task stops reading the socket, and the broker holds
 //! the backlog (QoS 1, persistent session) instead of this process's memory.
 
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, Packet, QoS};
-use tokio::sync::{mpsc, watch};
+use rumqttc::{AsyncClient, Event, Packet, Publish, QoS};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::decode::{DeadLetter, Message, SourceShape, reason};
 use crate::device::{Ingest, Kind, Reading, ShardRouter};
+use crate::durable::wal::{Redeliveries, Wal};
 use crate::engine::EngineEvent;
 use crate::engine::backlog::Backlog;
 use crate::metrics::Metrics;
@@ -33,23 +37,40 @@ pub struct IngestConfig {
     pub qos: Vec<u8>,
     /// The presence table's status topic, subscribed at QoS 1 when there is one.
     pub status: Option<TopicPattern>,
+    /// The log, opened after what a restart found in it.
+    pub wal: Wal,
+    pub redeliveries: Redeliveries,
+}
+
+/// A message as the poll task hands it to the log task.
+struct Incoming {
+    msg: Message,
+    pkid: u16,
+    /// Sent before: the broker is redelivering it.
+    dup: bool,
+    /// What to acknowledge once the message is logged (QoS 1 and 2).
+    ack: Option<Publish>,
 }
 
 /// Runs until `shutdown` turns true; then disconnects and returns once every message
-/// received has been handed to the shards.
+/// logged has been handed to the shards. Returns the log position after the last message
+/// routed (or why ingest had to stop: the log or a checkpoint could not be written).
 pub async fn run(
     cfg: IngestConfig,
-    shards: Vec<actix::Addr<ShardRouter>>,
-    engine: mpsc::UnboundedSender<EngineEvent>,
-    backlog: Arc<Backlog>,
-    metrics: Arc<Metrics>,
+    router: Router,
+    replay: Vec<Message>,
     mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u64> {
+    let metrics = router.metrics.clone();
     let mut opts = cfg.broker.options(&cfg.client_id)?;
     // A persistent session: while the engine is away the broker keeps its QoS 1 messages.
     opts.set_clean_session(false);
-    opts.set_request_channel_capacity(1024);
-    let (client, mut eventloop) = AsyncClient::new(opts, 1024);
+    // Acknowledged by the log task once a message is on disk. The broker has no more
+    // unacknowledged messages out than its in-flight window, so acks never fill the
+    // request channel (which only the poll task drains).
+    opts.set_manual_acks(true);
+    opts.set_request_channel_capacity(65_536);
+    let (client, mut eventloop) = AsyncClient::new(opts, 65_536);
     let filters: Vec<(String, QoS)> = cfg
         .sources
         .iter()
@@ -58,14 +79,18 @@ pub async fn run(
         .chain(cfg.status.iter().map(|t| (t.filter(), QoS::AtLeastOnce)))
         .collect();
 
-    let (tx, rx) = mpsc::channel::<Message>(16_384);
-    let router = tokio::spawn(route(
+    // Received, not yet logged: no more than the broker's in-flight window, since none of
+    // it is acknowledged. Logged, not yet routed: bounded in messages, so a backlog of
+    // large payloads stays at the broker rather than here.
+    let (tx, rx) = mpsc::channel::<Incoming>(16_384);
+    let (logged_tx, logged_rx) = mpsc::channel::<Message>(1024);
+    let router = tokio::spawn(router.run(replay, logged_rx));
+    let logger = tokio::spawn(log(
         rx,
-        cfg.sources.clone(),
-        cfg.status.clone(),
-        shards,
-        engine,
-        backlog,
+        cfg.wal,
+        cfg.redeliveries,
+        client.clone(),
+        logged_tx,
         metrics.clone(),
     ));
 
@@ -80,10 +105,20 @@ pub async fn run(
         };
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let m = Message {
-                    topic: p.topic,
-                    payload: p.payload,
-                    received_at: crate::time::now_ms(),
+                let ack = (p.qos != QoS::AtMostOnce).then(|| {
+                    let mut a = Publish::new("", p.qos, Vec::<u8>::new());
+                    a.pkid = p.pkid;
+                    a
+                });
+                let m = Incoming {
+                    pkid: p.pkid,
+                    dup: p.dup,
+                    ack,
+                    msg: Message {
+                        topic: p.topic,
+                        payload: p.payload,
+                        received_at: crate::time::now_ms(),
+                    },
                 };
                 if tx.send(m).await.is_err() {
                     break;
@@ -134,8 +169,75 @@ pub async fn run(
         }
     })
     .await;
+    // Messages received but not logged are not acknowledged: the broker sends them again.
     drop(tx);
-    router.await?;
+    let logged = logger.await?;
+    let routed = router.await?;
+    logged?;
+    routed.map_err(anyhow::Error::msg)
+}
+
+/// The log task: writes each batch of messages to the log, then acknowledges them, then
+/// hands them to the router. A failed write stops ingest: nothing more is acknowledged.
+async fn log(
+    mut rx: mpsc::Receiver<Incoming>,
+    mut wal: Wal,
+    mut redeliveries: Redeliveries,
+    client: AsyncClient,
+    out: mpsc::Sender<Message>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    while rx.recv_many(&mut buf, 1024).await > 0 {
+        let mut acks = Vec::with_capacity(buf.len());
+        let mut fresh = Vec::with_capacity(buf.len());
+        for inc in buf.drain(..) {
+            acks.extend(inc.ack);
+            if inc.dup
+                && redeliveries.is_logged(
+                    inc.pkid,
+                    &inc.msg.topic,
+                    &inc.msg.payload,
+                    wal.next_seq(),
+                )
+            {
+                metrics.redeliveries.inc();
+                continue;
+            }
+            fresh.push((inc.msg, inc.pkid));
+        }
+        let (w, fresh_back, written) = tokio::task::spawn_blocking(move || {
+            let r = wal.append(&fresh);
+            (wal, fresh, r)
+        })
+        .await?;
+        wal = w;
+        let first = match written {
+            Ok(first) => first,
+            Err(e) => {
+                metrics.wal_errors.inc();
+                anyhow::bail!(
+                    "cannot write the write-ahead log: {e}. Stopped taking messages: nothing \
+                     after the last message logged was acknowledged, and the broker keeps it \
+                     (free the disk, then start again)"
+                );
+            }
+        };
+        metrics.wal_messages.inc_by(fresh_back.len() as u64);
+        for (i, (m, pkid)) in fresh_back.iter().enumerate() {
+            redeliveries.note(first + i as u64, *pkid, &m.topic, &m.payload);
+        }
+        for a in &acks {
+            if client.ack(a).await.is_err() {
+                break;
+            }
+        }
+        for (m, _) in fresh_back {
+            if out.send(m).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
     Ok(())
 }
 
@@ -148,26 +250,112 @@ fn qos(q: u8) -> QoS {
 }
 
 /// Matches topics to sources and batches readings per shard: whatever is queued is taken
-/// at once (`recv_many`), so batches grow with load and latency stays low when idle.
-pub async fn route(
-    mut rx: mpsc::Receiver<Message>,
-    sources: Vec<Arc<SourceShape>>,
-    status: Option<TopicPattern>,
-    shards: Vec<actix::Addr<ShardRouter>>,
-    engine: mpsc::UnboundedSender<EngineEvent>,
-    backlog: Arc<Backlog>,
-    metrics: Arc<Metrics>,
-) {
-    let hasher = std::collections::hash_map::RandomState::new();
-    let mut buf = Vec::with_capacity(4096);
-    loop {
-        if rx.recv_many(&mut buf, 4096).await == 0 {
-            return;
+/// at once (`recv_many`), so batches grow with load and latency stays low when idle. Every
+/// commit interval it has the runner take a checkpoint at its position in the log.
+pub struct Router {
+    pub sources: Vec<Arc<SourceShape>>,
+    pub status: Option<TopicPattern>,
+    pub shards: Vec<actix::Addr<ShardRouter>>,
+    pub engine: mpsc::UnboundedSender<EngineEvent>,
+    pub backlog: Arc<Backlog>,
+    pub metrics: Arc<Metrics>,
+    /// Log position of the first message routed.
+    pub position: u64,
+    pub checkpoint_interval: Duration,
+    /// Payload bytes handed to the shards since they last flushed.
+    pub unflushed: usize,
+}
+
+impl Router {
+    /// Routes `replay` (messages from the log after the last checkpoint), then what `rx`
+    /// delivers, until it closes; returns the position after the last message.
+    pub async fn run(
+        mut self,
+        replay: Vec<Message>,
+        mut rx: mpsc::Receiver<Message>,
+    ) -> Result<u64, String> {
+        let hasher = std::collections::hash_map::RandomState::new();
+        let mut replay = replay.into_iter().peekable();
+        while replay.peek().is_some() {
+            let chunk: Vec<Message> = replay.by_ref().take(4096).collect();
+            self.metrics.replayed.inc_by(chunk.len() as u64);
+            self.route(&hasher, chunk).await;
         }
-        metrics.messages_received.inc_by(buf.len() as u64);
+        let mut buf = Vec::with_capacity(4096);
+        let mut next = tokio::time::Instant::now() + self.checkpoint_interval;
+        loop {
+            tokio::select! {
+                n = rx.recv_many(&mut buf, 4096) => {
+                    if n == 0 {
+                        return Ok(self.position);
+                    }
+                    self.route(&hasher, std::mem::take(&mut buf)).await;
+                }
+                _ = tokio::time::sleep_until(next) => {
+                    self.checkpoint().await?;
+                    next = tokio::time::Instant::now() + self.checkpoint_interval;
+                }
+            }
+        }
+    }
+
+    /// Everything routed so far reaches the runner, which commits it with its state.
+    async fn checkpoint(&self) -> Result<(), String> {
+        crate::device::flush_shards(&self.shards).await;
+        let (done, answer) = oneshot::channel();
+        self.engine
+            .send(EngineEvent::Checkpoint {
+                wal_next: self.position,
+                done,
+            })
+            .map_err(|_| "the pipeline runner is gone".to_string())?;
+        let result = answer
+            .await
+            .map_err(|_| "the pipeline runner is gone".to_string())
+            .and_then(|r| r);
+        if let Err(e) = &result {
+            self.metrics.checkpoint_errors.inc();
+            tracing::error!("checkpoint failed, stopping: {e}");
+        }
+        result
+    }
+
+    /// Routes messages in parts of at most a quarter of the backlog limit in payload
+    /// bytes (at least one message each), each admitted on its own: the backlog overshoots
+    /// its limit by no more than a part, however large the payloads.
+    async fn route(
+        &mut self,
+        hasher: &std::collections::hash_map::RandomState,
+        msgs: Vec<Message>,
+    ) {
+        let max = (self.backlog.limit() / 4).max(1);
+        let mut part = Vec::new();
+        let mut bytes = 0;
+        for m in msgs {
+            if !part.is_empty() && bytes + m.payload.len() > max {
+                self.route_part(hasher, std::mem::take(&mut part)).await;
+                bytes = 0;
+            }
+            bytes += m.payload.len();
+            part.push(m);
+        }
+        if !part.is_empty() {
+            self.route_part(hasher, part).await;
+        }
+    }
+
+    async fn route_part(
+        &mut self,
+        hasher: &std::collections::hash_map::RandomState,
+        msgs: Vec<Message>,
+    ) {
+        let shards = &self.shards;
+        self.position += msgs.len() as u64;
+        let bytes: usize = msgs.iter().map(|m| m.payload.len()).sum();
+        self.metrics.messages_received.inc_by(msgs.len() as u64);
         let mut per_shard: Vec<Vec<Reading>> = (0..shards.len()).map(|_| Vec::new()).collect();
         let mut dead = Vec::new();
-        for m in buf.drain(..) {
+        for m in msgs {
             if m.payload.len() > MAX_PAYLOAD {
                 dead.push(DeadLetter {
                     source: None,
@@ -182,10 +370,10 @@ pub async fn route(
                 });
                 continue;
             }
-            let routed = crate::decode::route(&sources, &m.topic)
+            let routed = crate::decode::route(&self.sources, &m.topic)
                 .map(|(source, device)| (Kind::Source(source), device))
                 .or_else(|| {
-                    let device = status_device(status.as_ref()?, &m.topic)?;
+                    let device = status_device(self.status.as_ref()?, &m.topic)?;
                     Some((Kind::Status, device))
                 });
             match routed {
@@ -212,11 +400,11 @@ pub async fn route(
             }
         }
         if !dead.is_empty() {
-            let _ = engine.send(EngineEvent::DeadLetters(dead));
+            let _ = self.engine.send(EngineEvent::DeadLetters(dead));
         }
         // Rows waiting for the runner are bounded: past the limit, wait here (and so stop
         // reading from the broker) until the runner catches up.
-        backlog.admit().await;
+        self.backlog.admit().await;
         // `send` respects the shard's mailbox capacity: a slow shard slows this loop down.
         let sends: Vec<_> = per_shard
             .into_iter()
@@ -228,6 +416,14 @@ pub async fn route(
             if let Err(e) = r {
                 tracing::error!("shard unavailable: {e}");
             }
+        }
+        // Readings in device mailboxes and shard buffers are not in the backlog yet: once
+        // a backlog's worth has gone out, have the shards decode and hand on everything,
+        // so the backlog counts it before more is taken.
+        self.unflushed += bytes;
+        if self.unflushed >= self.backlog.limit() {
+            crate::device::flush_shards(&self.shards).await;
+            self.unflushed = 0;
         }
     }
 }

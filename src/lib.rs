@@ -28,6 +28,7 @@ pub mod broker;
 pub mod cli;
 pub mod decode;
 pub mod device;
+pub mod durable;
 pub mod engine;
 pub mod functions;
 pub mod ingest;

@@ -41,6 +41,24 @@ pub struct Metrics {
     pub backlog_peak_bytes: IntGauge,
     /// Time ingest spent waiting for the backlog to drain.
     pub backpressure_seconds: prometheus::Counter,
+    /// Messages appended to the write-ahead log (and then acknowledged).
+    pub wal_messages: IntCounter,
+    /// Failed writes of the log: the engine stops taking messages.
+    pub wal_errors: IntCounter,
+    /// Broker redeliveries of messages already logged: acknowledged, not stored again.
+    pub redeliveries: IntCounter,
+    /// Messages processed again from the log at start.
+    pub replayed: IntCounter,
+    pub checkpoints: IntCounter,
+    pub checkpoint_errors: IntCounter,
+    /// Commands of a window computed again after a restart, already sent before it.
+    pub commands_suppressed: IntCounterVec,
+}
+
+fn int_counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
 }
 
 fn counter(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
@@ -238,6 +256,42 @@ impl Metrics {
             backlog_bytes,
             backlog_peak_bytes,
             backpressure_seconds,
+            wal_messages: int_counter(
+                &r,
+                "fleetsql_wal_messages_total",
+                "Messages written to the write-ahead log before being acknowledged",
+            ),
+            wal_errors: int_counter(
+                &r,
+                "fleetsql_wal_errors_total",
+                "Failed writes of the write-ahead log (the engine stops taking messages)",
+            ),
+            redeliveries: int_counter(
+                &r,
+                "fleetsql_mqtt_redeliveries_total",
+                "Broker redeliveries of messages already logged: acknowledged, not stored twice",
+            ),
+            replayed: int_counter(
+                &r,
+                "fleetsql_wal_replayed_total",
+                "Messages processed again from the write-ahead log after a restart",
+            ),
+            checkpoints: int_counter(
+                &r,
+                "fleetsql_checkpoints_total",
+                "Checkpoints committed (state, files and log position together)",
+            ),
+            checkpoint_errors: int_counter(
+                &r,
+                "fleetsql_checkpoint_errors_total",
+                "Checkpoints that failed (the engine stops; the log keeps what they would have committed)",
+            ),
+            commands_suppressed: counter(
+                &r,
+                "fleetsql_commands_suppressed_total",
+                "Commands not sent again for a window recomputed after a restart",
+                &["sink"],
+            ),
             registry: r,
         })
     }
@@ -279,6 +333,7 @@ impl Metrics {
             match s.spec.kind {
                 crate::pipeline::parse::SinkKind::Mqtt { .. } => {
                     self.commands_published.with_label_values(&[n]);
+                    self.commands_suppressed.with_label_values(&[n]);
                     for r in ["encode", "publish", "bad_topic"] {
                         self.command_errors.with_label_values(&[n, r]);
                     }

@@ -15,5 +15,6 @@ mod router;
 
 pub use actor::DeviceActor;
 pub use router::{
-    FlushNow, Ingest, Kind, PresenceConfig, Reading, ShardBuffer, ShardRouter, Shards, start_shards,
+    FlushNow, Ingest, Kind, PresenceConfig, Reading, ShardBuffer, ShardRouter, Shards,
+    flush_shards, start_shards,
 };

@@ -366,18 +366,24 @@ pub struct Shards {
 impl Shards {
     /// Flushes every shard; returns once their rows are on the engine's channel.
     pub async fn flush(&self) {
-        let all: Vec<_> = self.routers.iter().map(|r| r.send(FlushNow)).collect();
-        for r in futures::future::join_all(all).await {
-            if let Err(e) = r {
-                tracing::warn!("shard flush failed: {e}");
-            }
-        }
+        flush_shards(&self.routers).await
     }
 
     pub fn stop(mut self) {
         self.system.stop();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
+        }
+    }
+}
+
+/// Flushes the shards; returns once every reading routed to them before is on the engine's
+/// channel, as rows or dead letters.
+pub async fn flush_shards(routers: &[Addr<ShardRouter>]) {
+    let all: Vec<_> = routers.iter().map(|r| r.send(FlushNow)).collect();
+    for r in futures::future::join_all(all).await {
+        if let Err(e) = r {
+            tracing::warn!("shard flush failed: {e}");
         }
     }
 }

@@ -25,13 +25,21 @@ pub const REMEMBERED: usize = 64;
 /// A device silent this long is forgotten.
 pub const FORGET_AFTER_MS: i64 = 10 * 60 * 1000;
 
+/// The readings remembered, in a checkpoint: per device, their hashes and last reading.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct DedupeState {
+    pub devices: Vec<(String, Vec<u64>, i64)>,
+}
+
 pub struct Dedupe {
     seq: usize,
     device: usize,
     /// The event-time column, when the source takes it from the payload.
     event_time: Option<usize>,
     devices: HashMap<Box<str>, Recent>,
-    hasher: std::collections::hash_map::RandomState,
+    /// Fixed keys: remembered readings are checkpointed as hashes and must match after a
+    /// restart.
+    hasher: std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>,
     last_sweep: i64,
 }
 
@@ -121,6 +129,38 @@ impl Dedupe {
             Ok(b) => (b, dropped),
             Err(_) => (batch, 0),
         }
+    }
+
+    pub fn state(&self) -> DedupeState {
+        DedupeState {
+            devices: self
+                .devices
+                .iter()
+                .map(|(id, r)| {
+                    (
+                        id.to_string(),
+                        r.keys.iter().copied().collect(),
+                        r.last_seen,
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    pub fn restore(&mut self, state: DedupeState) {
+        self.devices = state
+            .devices
+            .into_iter()
+            .map(|(id, keys, last_seen)| {
+                (
+                    id.into_boxed_str(),
+                    Recent {
+                        keys: keys.into(),
+                        last_seen,
+                    },
+                )
+            })
+            .collect();
     }
 
     fn sweep(&mut self, now: i64) {

@@ -36,8 +36,20 @@ pub enum EngineEvent {
         batch: RecordBatch,
     },
     DeadLetters(Vec<DeadLetter>),
-    /// Everything sent before has been delivered: flush and answer.
-    Finish(oneshot::Sender<()>),
+    /// Everything before log position `wal_next` has been delivered: commit it with the
+    /// runner's state (`durable::checkpoint`), and answer.
+    Checkpoint {
+        wal_next: u64,
+        done: oneshot::Sender<Result<(), String>>,
+    },
+    /// Everything sent before has been delivered: close every window (`drain`) or keep
+    /// them for the next start, take a last checkpoint when `checkpoint` is the position,
+    /// answer and stop.
+    Finish {
+        drain: bool,
+        checkpoint: Option<u64>,
+        done: oneshot::Sender<Result<(), String>>,
+    },
     /// Reload the pipeline files; answers with a summary or why the new files were refused.
     Reload(oneshot::Sender<Result<String, String>>),
 }
@@ -62,6 +74,11 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Bytes of decoded rows that may wait for the pipeline runner before ingest pauses.
     pub max_backlog: usize,
+    /// When the write-ahead log is forced to disk.
+    pub fsync: crate::durable::wal::Fsync,
+    /// On stop, close every open window (their results are then final) rather than keep
+    /// them for the next start.
+    pub drain_on_stop: bool,
 }
 
 impl EngineConfig {
@@ -90,6 +107,8 @@ impl EngineConfig {
             },
             shards: 2,
             max_backlog: 64 << 20,
+            fsync: crate::durable::wal::Fsync::Always,
+            drain_on_stop: false,
         })
     }
 }
@@ -100,7 +119,8 @@ pub enum Input {
     Mqtt,
     /// Messages handed in by the caller, already stamped with their receive time. The
     /// benchmarks drive the whole engine but the MQTT client this way; the engine stops
-    /// when the sender is dropped (or `stop` resolves).
+    /// when the sender is dropped (or `stop` resolves), closing every window. Nothing is
+    /// logged: a crash loses what was handed in since the last checkpoint.
     Channel(mpsc::Receiver<crate::decode::Message>),
 }
 
@@ -134,6 +154,10 @@ pub async fn run_with(
             BrokerUrl::local(cfg.listen)
         }
     };
+
+    // What an earlier run left: the checkpoint's files are published before the tables
+    // open (which deletes any other staging file), and the log after it is replayed.
+    let recovery = crate::durable::recover(&cfg.data_dir)?;
 
     // Tables first: a data dir we cannot write is an error before anything is consumed.
     let mut names: Vec<&str> = pipeline
@@ -229,7 +253,8 @@ pub async fn run_with(
             paths: cfg.pipelines.clone(),
             open_sink: Box::new(open_sink),
         })
-        .with_backlog(backlog.clone());
+        .with_backlog(backlog.clone())
+        .with_checkpoints(cfg.data_dir.clone(), recovery.checkpoint);
     let runner = tokio::spawn(runner.run(rx));
     let reloads = tokio::spawn(reload_triggers(
         cfg.pipelines.clone(),
@@ -239,6 +264,19 @@ pub async fn run_with(
         stop_rx.clone(),
     ));
     let from_channel = matches!(input, Input::Channel(_));
+    let wal = recovery.wal;
+    let replay: Vec<_> = wal.replay.into_iter().map(|l| l.msg).collect();
+    let router = crate::ingest::Router {
+        sources: shapes.clone(),
+        status: pipeline_status.clone(),
+        shards: shards.routers.clone(),
+        engine: tx.clone(),
+        backlog: backlog.clone(),
+        metrics: metrics.clone(),
+        position: wal.next_seq - replay.len() as u64,
+        checkpoint_interval: cfg.roll.max_age,
+        unflushed: 0,
+    };
     let ingest = match input {
         Input::Mqtt => tokio::spawn(crate::ingest::run(
             crate::ingest::IngestConfig {
@@ -247,27 +285,20 @@ pub async fn run_with(
                 sources: shapes,
                 qos,
                 status: pipeline_status,
+                wal: crate::durable::wal::Wal::new(
+                    crate::durable::wal::dir(&cfg.data_dir),
+                    cfg.fsync,
+                    cfg.roll.max_age,
+                    wal.next_seq,
+                ),
+                redeliveries: wal.redeliveries,
             },
-            shards.routers.clone(),
-            tx.clone(),
-            backlog.clone(),
-            metrics.clone(),
+            router,
+            replay,
             stop_rx.clone(),
         )),
         Input::Channel(rx) => {
-            let route = crate::ingest::route(
-                rx,
-                shapes,
-                pipeline_status,
-                shards.routers.clone(),
-                tx.clone(),
-                backlog.clone(),
-                metrics.clone(),
-            );
-            tokio::spawn(async move {
-                route.await;
-                Ok(())
-            })
+            tokio::spawn(async move { router.run(replay, rx).await.map_err(anyhow::Error::msg) })
         }
     };
     let sim = if cfg.simulate > 0 {
@@ -284,43 +315,68 @@ pub async fn run_with(
     tracing::info!(broker = %broker, data_dir = %cfg.data_dir.display(), "fleetsql running; Ctrl-C to stop");
 
     let mut ingest = ingest;
-    tokio::select! {
-        _ = stop => tracing::info!("stopping: flushing open windows and files"),
+    let mut drain = cfg.drain_on_stop;
+    let position = tokio::select! {
+        _ = stop => {
+            tracing::info!("stopping: committing files and state");
+            None
+        }
         r = &mut ingest => {
             let r = r.map_err(anyhow::Error::from).and_then(|r| r);
             if !from_channel || r.is_err() {
-                // MQTT ingest only ends on its own when it cannot run at all.
+                // MQTT ingest only ends on its own when it cannot go on (the log or a
+                // checkpoint cannot be written): stop at once, without committing
+                // anything more; the next start resumes from the last checkpoint.
                 let _ = stop_tx.send(true);
                 return r.and(Err(anyhow::anyhow!("ingest stopped unexpectedly")));
             }
-            // The caller's input ended: shut down as if stopped.
-            tracing::info!("input ended: flushing open windows and files");
-            ingest = tokio::spawn(async { Ok(()) });
+            // The caller's input ended: shut down as if stopped, closing every window.
+            tracing::info!("input ended: closing open windows, committing files");
+            drain = true;
+            r.ok()
         }
-    }
+    };
 
     // Order matters: stop taking messages, push what the shards hold to the runner, let the
-    // runner close every window, then commit files and let the last commands go out.
+    // runner checkpoint (closing every window first when draining), then let the last
+    // commands go out.
     let _ = stop_tx.send(true);
     if let Some(sim) = sim {
         let _ = sim.await;
     }
-    match ingest.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => tracing::warn!("ingest: {e}"),
-        Err(e) => tracing::warn!("ingest task: {e}"),
-    }
+    let position = match position {
+        Some(p) => p,
+        None => match ingest.await {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                reloads.abort();
+                return Err(e);
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
     reloads.abort();
     shards.flush().await;
     let (done_tx, done_rx) = oneshot::channel();
-    let _ = tx.send(EngineEvent::Finish(done_tx));
-    let _ = done_rx.await;
+    let _ = tx.send(EngineEvent::Finish {
+        drain,
+        checkpoint: Some(position),
+        done: done_tx,
+    });
+    let finished = done_rx
+        .await
+        .unwrap_or_else(|_| Err("the pipeline runner is gone".into()));
     let outputs = runner.await?;
     tokio::task::spawn_blocking(move || outputs.close()).await?;
     commands.close().await;
     let _ = commands_task.await;
     shards.stop();
     metrics_task.abort();
+    finished.map_err(|e| {
+        anyhow::anyhow!(
+            "the last checkpoint failed: {e}; the next start resumes from the one before"
+        )
+    })?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -7,6 +7,7 @@
 //! clock in the engine and by recorded times in golden tests and replays. It runs on a
 //! multi-thread tokio runtime, as DataFusion expects, never on an actix arbiter.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -140,7 +141,19 @@ pub struct Outputs {
 }
 
 impl Outputs {
-    /// Commits every file; blocking.
+    /// Every Parquet table.
+    fn parquet(&self) -> impl Iterator<Item = &ParquetTable> {
+        self.raw
+            .iter()
+            .chain(&self.sinks)
+            .chain([&self.dead_letters, &self.late_rows])
+            .filter_map(|o| match o {
+                Output::Parquet(t) => Some(t),
+                _ => None,
+            })
+    }
+
+    /// Stops every table's writer; blocking.
     pub fn close(self) {
         for t in self.raw.into_iter().chain(self.sinks) {
             t.close();
@@ -180,6 +193,53 @@ fn new_clock(p: &CompiledPipeline, stream: usize) -> SourceClock {
     }
 }
 
+fn plan_text(p: &crate::pipeline::compile::Plan) -> String {
+    p.logical.display_indent_schema().to_string()
+}
+
+/// What a query's state depends on: a reload or a restart hands a query its old windows
+/// only when this is unchanged.
+fn fingerprint(q: &crate::pipeline::compile::CompiledQuery) -> String {
+    format!(
+        "{}\n{:?}\n{}",
+        q.spec.sink,
+        q.window.as_ref().map(|w| &w.kind),
+        plan_text(&q.plan)
+    )
+}
+
+/// The runner's state in a checkpoint, matched by name on restore: a restart with a
+/// changed pipeline takes up what still fits.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RunnerState {
+    pub now: i64,
+    /// Per root stream.
+    pub clocks: Vec<(String, super::window::ClockState)>,
+    pub windows: Vec<SavedWindows>,
+    /// Per source with a sequence field.
+    pub dedupe: Vec<(String, super::dedupe::DedupeState)>,
+    /// Per frame over past windows (by function name).
+    pub rolling: Vec<(String, crate::functions::rolling::RollingState)>,
+}
+
+/// A windowed query's open windows in a checkpoint.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+pub struct SavedWindows {
+    pub query: String,
+    /// The query's [`fingerprint`]: windows go back only to the same query.
+    pub fingerprint: String,
+    /// Where its rows are in the checkpoint's batches.
+    pub rows: String,
+    pub state: super::window::WindowsState,
+}
+
+/// Where a runner's checkpoints go, and what it knows of commands already sent.
+struct Durable {
+    data_dir: PathBuf,
+    epoch: u64,
+    journal: crate::durable::checkpoint::Journal,
+}
+
 /// What a hot reload needs besides the current pipeline: where to read the new one, and
 /// how to open the output of a sink it adds.
 pub struct ReloadContext {
@@ -215,6 +275,9 @@ pub struct Runner {
     dedupe: Vec<Option<Dedupe>>,
     /// Told when rows from the channel have been taken (see [`Runner::run`]).
     backlog: Option<Arc<super::backlog::Backlog>>,
+    durable: Option<Durable>,
+    /// Outputs a reload removed, closed after the next checkpoint.
+    retired: Vec<Output>,
 }
 
 impl Runner {
@@ -249,6 +312,8 @@ impl Runner {
             last_reference_check: i64::MIN,
             reload: None,
             backlog: None,
+            durable: None,
+            retired: Vec::new(),
         };
         r.index_readers();
         r
@@ -258,6 +323,220 @@ impl Runner {
     pub fn with_backlog(mut self, backlog: Arc<super::backlog::Backlog>) -> Runner {
         self.backlog = Some(backlog);
         self
+    }
+
+    /// Checkpoints to `data_dir` (`EngineEvent::Checkpoint`), starting from the state of
+    /// `recovered`, the checkpoint in force, if any.
+    pub fn with_checkpoints(
+        mut self,
+        data_dir: PathBuf,
+        recovered: Option<(
+            crate::durable::checkpoint::Manifest,
+            crate::durable::checkpoint::Batches,
+        )>,
+    ) -> Runner {
+        let (epoch, published) = match recovered {
+            Some((m, batches)) => {
+                if let Some(state) = m.runner {
+                    self.restore(state, &batches);
+                }
+                (m.epoch, m.published)
+            }
+            None => (0, Default::default()),
+        };
+        self.durable = Some(Durable {
+            journal: crate::durable::checkpoint::Journal::new(&data_dir, published),
+            data_dir,
+            epoch,
+        });
+        self
+    }
+
+    /// The state a checkpoint keeps, and the rows of open windows beside it.
+    fn snapshot(&self) -> (RunnerState, crate::durable::checkpoint::Batches) {
+        let mut batches = crate::durable::checkpoint::Batches::default();
+        let p = &self.pipeline;
+        let roots = p.streams.iter().enumerate().filter(|(i, s)| s.root == *i);
+        let windows = self
+            .windows
+            .iter()
+            .enumerate()
+            .filter_map(|(qi, w)| {
+                let w = w.as_ref()?;
+                let q = &p.queries[qi];
+                let rows = format!("w{qi}");
+                Some(SavedWindows {
+                    query: q.spec.name.clone(),
+                    fingerprint: fingerprint(q),
+                    state: w.save(&rows, &mut batches),
+                    rows,
+                })
+            })
+            .collect();
+        let state = RunnerState {
+            now: self.now,
+            clocks: roots
+                .map(|(i, s)| (s.name.clone(), self.clocks[i].state()))
+                .collect(),
+            windows,
+            dedupe: p
+                .sources
+                .iter()
+                .zip(&self.dedupe)
+                .filter_map(|(s, d)| Some((s.spec.name.clone(), d.as_ref()?.state())))
+                .collect(),
+            rolling: self
+                .rolling_functions()
+                .into_iter()
+                .filter_map(|(name, udf)| {
+                    let r = udf
+                        .inner()
+                        .downcast_ref::<crate::functions::rolling::Rolling>()?;
+                    Some((name, r.save()))
+                })
+                .collect(),
+        };
+        (state, batches)
+    }
+
+    fn restore(&mut self, state: RunnerState, batches: &crate::durable::checkpoint::Batches) {
+        let now = crate::time::now_ms();
+        self.now = state.now;
+        for (name, clock) in &state.clocks {
+            if let Some(i) = self.pipeline.stream(name) {
+                self.clocks[i].restore(clock, now);
+            }
+        }
+        for saved in state.windows {
+            let name = saved.query;
+            let Some(i) = self
+                .pipeline
+                .queries
+                .iter()
+                .position(|q| q.spec.name == name)
+            else {
+                tracing::warn!(
+                    query = name,
+                    "not in the pipeline any more: its open windows are dropped"
+                );
+                continue;
+            };
+            if fingerprint(&self.pipeline.queries[i]) != saved.fingerprint {
+                tracing::warn!(
+                    query = name,
+                    "changed since the checkpoint: it starts with no open windows"
+                );
+                continue;
+            }
+            if let Some(w) = self.windows[i].as_mut() {
+                if let Err(e) = w.restore(saved.state, &saved.rows, batches) {
+                    tracing::error!(query = name, "open windows not restored: {e}");
+                }
+            }
+        }
+        for (name, saved) in state.dedupe {
+            let i = self
+                .pipeline
+                .sources
+                .iter()
+                .position(|s| s.spec.name == name);
+            if let Some(d) = i.and_then(|i| self.dedupe[i].as_mut()) {
+                d.restore(saved);
+            }
+        }
+        let functions: HashMap<_, _> = self.rolling_functions().into_iter().collect();
+        for (name, saved) in state.rolling {
+            let r = functions.get(&name).and_then(|u| {
+                u.inner()
+                    .downcast_ref::<crate::functions::rolling::Rolling>()
+            });
+            if let Some(r) = r {
+                r.restore(saved);
+            }
+        }
+    }
+
+    /// The pipeline's frames over past windows: the functions whose state spans windows.
+    fn rolling_functions(&self) -> Vec<(String, Arc<datafusion::logical_expr::ScalarUDF>)> {
+        let mut all: Vec<_> = self
+            .pipeline
+            .ctx
+            .state()
+            .scalar_functions()
+            .iter()
+            .filter(|(_, u)| {
+                u.inner()
+                    .downcast_ref::<crate::functions::rolling::Rolling>()
+                    .is_some()
+            })
+            .map(|(n, u)| (n.clone(), u.clone()))
+            .collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        all
+    }
+
+    /// Makes everything up to log position `wal_next` durable: runs what is queued,
+    /// finishes every table's file in staging, writes the state, commits, then moves the
+    /// files into their tables and drops the log before the position.
+    pub async fn checkpoint(&mut self, wal_next: u64) -> Result<(), String> {
+        if self.durable.is_none() {
+            for o in self.retired.drain(..) {
+                o.close();
+            }
+            return Ok(());
+        }
+        self.run_micro_batches().await;
+        let mut staged = Vec::new();
+        let retired = self.retired.iter().filter_map(|o| match o {
+            Output::Parquet(t) => Some(t),
+            _ => None,
+        });
+        for out in self.outputs.parquet().chain(retired) {
+            staged.extend(out.seal().await?);
+        }
+        let (state, batches) = self.snapshot();
+        let Some(d) = self.durable.as_mut() else {
+            return Ok(());
+        };
+        let manifest = crate::durable::checkpoint::Manifest {
+            epoch: d.epoch + 1,
+            wal_next,
+            staged,
+            published: d.journal.published(),
+            runner: Some(state),
+        };
+        let data_dir = d.data_dir.clone();
+        let written = tokio::task::spawn_blocking(
+            move || -> std::io::Result<crate::durable::checkpoint::Manifest> {
+                crate::durable::checkpoint::write(&data_dir, &manifest, &batches)?;
+                Ok(manifest)
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("cannot write a checkpoint in {}: {e}", d.data_dir.display()))?;
+        d.epoch = written.epoch;
+        self.metrics.checkpoints.inc();
+        for o in self.retired.drain(..) {
+            o.close();
+        }
+        // Committed: what follows can be redone after a crash, by `durable::recover`.
+        let data_dir = d.data_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::durable::checkpoint::publish(&written.staged) {
+                tracing::error!(
+                    "cannot move committed files into their tables (done at the next start): {e}"
+                );
+            }
+            if let Err(e) =
+                crate::durable::wal::truncate(&crate::durable::wal::dir(&data_dir), wal_next)
+            {
+                tracing::warn!("cannot delete old log segments: {e}");
+            }
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Lets the runner reload its pipeline (`EngineEvent::Reload`).
@@ -372,27 +651,22 @@ impl Runner {
             };
             sinks.push(out);
         }
-        for o in old_outputs.into_iter().flatten() {
-            o.close();
-        }
+        // A removed table's rows since the last checkpoint are committed with the next one.
+        self.retired.extend(old_outputs.into_iter().flatten());
         self.outputs.sinks = sinks;
 
         // Queries and views whose plans are unchanged keep their objects: plans, windows
         // and state across windows.
-        let plan_text =
-            |p: &crate::pipeline::compile::Plan| p.logical.display_indent_schema().to_string();
+        let plan_text = plan_text;
         let mut old = std::mem::replace(&mut self.pipeline, CompiledPipeline::empty());
         let mut old_windows = std::mem::take(&mut self.windows);
         let mut kept = 0;
         let mut windows = Vec::with_capacity(new.queries.len());
         for q in new.queries.iter_mut() {
-            let found = old.queries.iter().position(|o| {
-                o.spec.name == q.spec.name
-                    && o.spec.sink == q.spec.sink
-                    && plan_text(&o.plan) == plan_text(&q.plan)
-                    && format!("{:?}", o.window.as_ref().map(|w| &w.kind))
-                        == format!("{:?}", q.window.as_ref().map(|w| &w.kind))
-            });
+            let found = old
+                .queries
+                .iter()
+                .position(|o| o.spec.name == q.spec.name && fingerprint(o) == fingerprint(q));
             match found {
                 Some(i) => {
                     let sink = q.sink;
@@ -459,8 +733,8 @@ impl Runner {
         ))
     }
 
-    /// Runs until the channel delivers `Finish` (or closes), then closes every window and
-    /// returns the outputs for the caller to close.
+    /// Runs until the channel delivers `Finish` (or closes), then (as `Finish` says) closes
+    /// every window and checkpoints, and returns the outputs for the caller to close.
     pub async fn run(mut self, mut rx: UnboundedReceiver<EngineEvent>) -> Outputs {
         let mut tick = tokio::time::interval(Duration::from_millis(50));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -471,16 +745,24 @@ impl Runner {
                     let Some(ev) = ev else { break };
                     let mut next = Some(ev);
                     let now = crate::time::now_ms();
-                    // Take everything queued before running queries: batches grow with load.
+                    // Take what is queued before running queries, so batches grow with
+                    // load; but no more than the backlog's worth: rows count in the
+                    // backlog until the queries have run over them, and windows must
+                    // still close under a steady stream.
+                    let limit = self.backlog.as_ref().map_or(64 << 20, |b| b.limit());
+                    let mut taken = 0;
                     while let Some(ev) = next {
                         match ev {
-                            EngineEvent::Finish(done) => { finish = Some(done); break; }
+                            EngineEvent::Finish { drain, checkpoint, done } => {
+                                finish = Some((drain, checkpoint, done));
+                                break;
+                            }
+                            EngineEvent::Checkpoint { wal_next, done } => {
+                                let _ = done.send(self.checkpoint(wal_next).await);
+                            }
                             EngineEvent::Rows { stream, batch } => {
-                                let bytes = batch.get_array_memory_size();
+                                taken += batch.get_array_memory_size();
                                 self.rows(stream, batch, now);
-                                if let Some(b) = &self.backlog {
-                                    b.done(bytes);
-                                }
                             }
                             EngineEvent::DeadLetters(d) => self.dead_letters(d),
                             EngineEvent::Reload(answer) => {
@@ -488,17 +770,31 @@ impl Runner {
                                 let _ = answer.send(self.reload().await);
                             }
                         }
-                        next = rx.try_recv().ok();
+                        next = if taken < limit { rx.try_recv().ok() } else { None };
                     }
                     self.run_micro_batches().await;
+                    if let Some(b) = &self.backlog {
+                        b.done(taken);
+                    }
                     if finish.is_some() { break; }
                 }
                 _ = tick.tick() => self.tick(crate::time::now_ms()).await,
             }
         }
-        self.finish().await;
-        if let Some(done) = finish {
-            let _ = done.send(());
+        match finish {
+            Some((drain, checkpoint, done)) => {
+                if drain {
+                    self.finish().await;
+                } else {
+                    self.run_micro_batches().await;
+                }
+                let result = match checkpoint {
+                    Some(wal_next) => self.checkpoint(wal_next).await,
+                    None => Ok(()),
+                };
+                let _ = done.send(result);
+            }
+            None => self.finish().await,
         }
         self.outputs
     }
@@ -645,7 +941,7 @@ impl Runner {
                 }
             }
             for qi in self.micro[s].clone() {
-                self.execute(qi).await;
+                self.execute(qi, None).await;
             }
             slot.clear();
         }
@@ -751,7 +1047,8 @@ impl Runner {
             .windows_closed
             .with_label_values(&[&q.spec.name])
             .inc();
-        self.execute(qi).await;
+        let end = closed.inputs.iter().flatten().map(|(_, e, _)| *e).max();
+        self.execute(qi, end).await;
         if let Some(w) = &self.pipeline.queries[qi].window {
             for input in &w.inputs {
                 input.slot.clear();
@@ -763,7 +1060,8 @@ impl Runner {
     }
 
     /// Runs one query over whatever its slots hold and hands the rows to its sink.
-    async fn execute(&mut self, qi: usize) {
+    /// `window_end`: the end of the (newest) window it ran over, for a windowed query.
+    async fn execute(&mut self, qi: usize, window_end: Option<i64>) {
         let q = &self.pipeline.queries[qi];
         let started = Instant::now();
         let result = q.execute(self.task_ctx.clone()).await;
@@ -783,6 +1081,28 @@ impl Runner {
             }
         };
         let sink = &self.pipeline.sinks[q.sink];
+        let commands = matches!(self.outputs.sinks[q.sink], Output::Commands(_));
+        let rows = batches.iter().any(|b| b.num_rows() > 0);
+        if let (true, true, Some(end), Some(d)) = (commands, rows, window_end, &mut self.durable) {
+            // A window computed again after a restart: its commands went out before.
+            if d.journal.sent(&q.spec.name, end) {
+                self.metrics
+                    .commands_suppressed
+                    .with_label_values(&[&sink.spec.name])
+                    .inc();
+                tracing::info!(
+                    query = q.spec.name,
+                    window_end = end,
+                    "commands of this window were sent before a restart; not sent again"
+                );
+                return;
+            }
+            if let Err(e) = d.journal.record(&q.spec.name, end) {
+                // Sending anyway: the command matters more than the rare resend after a
+                // crash that not recording it allows.
+                tracing::error!(query = q.spec.name, "cannot record the commands sent: {e}");
+            }
+        }
         for b in batches {
             if b.num_rows() == 0 {
                 continue;

@@ -17,6 +17,9 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
 
+use serde::{Deserialize, Serialize};
+
+use crate::durable::checkpoint::Batches;
 use crate::pipeline::rewrite::WindowKind;
 
 /// Rows of one closed window execution, per input, each batch with its window's bounds.
@@ -92,10 +95,141 @@ impl Windows {
         }
     }
 
-    /// Every open window, for the final flush at shutdown.
+    /// Every open window, for a drain at shutdown. Windows up to the last one closed
+    /// count as closed afterwards (their rows are late), later ones do not: a restart
+    /// after a drain goes on from there.
     pub fn close_all(&mut self) -> Vec<Closed> {
-        self.close_until(i64::MAX)
+        let last_end = match self {
+            Windows::Panes(p) => p
+                .panes
+                .last_key_value()
+                .map_or(p.closed, |(k, _)| k.saturating_add(p.size)),
+            Windows::Sessions(s) => s
+                .open
+                .values()
+                .flatten()
+                .map(|x| x.last.saturating_add(s.gap))
+                .max()
+                .unwrap_or(s.closed),
+        };
+        self.close_until(last_end)
     }
+
+    /// The open windows for a checkpoint: their rows go to `batches` under
+    /// `<name>-<input>`.
+    pub fn save(&self, name: &str, batches: &mut Batches) -> WindowsState {
+        let list = |k: usize| format!("{name}-{k}");
+        match self {
+            Windows::Panes(p) => WindowsState::Panes {
+                closed: p.closed,
+                panes: p
+                    .panes
+                    .iter()
+                    .map(|(start, inputs)| {
+                        let refs = inputs
+                            .iter()
+                            .enumerate()
+                            .map(|(k, bs)| {
+                                bs.iter()
+                                    .map(|b| batches.add(&list(k), b.clone()))
+                                    .collect()
+                            })
+                            .collect();
+                        (*start, refs)
+                    })
+                    .collect(),
+            },
+            Windows::Sessions(s) => WindowsState::Sessions {
+                closed: s.closed,
+                open: s
+                    .open
+                    .iter()
+                    .map(|(key, sessions)| {
+                        let sessions = sessions
+                            .iter()
+                            .map(|x| {
+                                let refs = x
+                                    .batches
+                                    .iter()
+                                    .map(|b| batches.add(&list(0), b.clone()))
+                                    .collect();
+                                (x.start, x.last, refs)
+                            })
+                            .collect();
+                        (key.to_vec(), sessions)
+                    })
+                    .collect(),
+            },
+        }
+    }
+
+    /// Puts back windows saved by [`Windows::save`] (into windows of the same kind).
+    pub fn restore(
+        &mut self,
+        state: WindowsState,
+        name: &str,
+        batches: &Batches,
+    ) -> Result<(), String> {
+        let get = |k: usize, i: usize| {
+            batches
+                .get(&format!("{name}-{k}"), i)
+                .cloned()
+                .ok_or_else(|| format!("checkpointed rows {name}-{k}#{i} are missing"))
+        };
+        match (self, state) {
+            (Windows::Panes(p), WindowsState::Panes { closed, panes }) => {
+                p.closed = closed;
+                p.panes.clear();
+                for (start, inputs) in panes {
+                    let mut per_input = vec![Vec::new(); p.inputs];
+                    for (k, refs) in inputs.into_iter().enumerate().take(p.inputs) {
+                        for i in refs {
+                            per_input[k].push(get(k, i)?);
+                        }
+                    }
+                    p.panes.insert(start, per_input);
+                }
+                Ok(())
+            }
+            (Windows::Sessions(s), WindowsState::Sessions { closed, open }) => {
+                s.closed = closed;
+                s.open.clear();
+                for (key, sessions) in open {
+                    let mut list = Vec::new();
+                    for (start, last, refs) in sessions {
+                        let batches = refs
+                            .into_iter()
+                            .map(|i| get(0, i))
+                            .collect::<Result<_, _>>()?;
+                        list.push(Session {
+                            start,
+                            last,
+                            batches,
+                        });
+                    }
+                    s.open.insert(key.into_boxed_slice(), list);
+                }
+                Ok(())
+            }
+            _ => Err("the checkpointed windows are of another kind".into()),
+        }
+    }
+}
+
+/// A query's open windows in a checkpoint; rows are referred to by their place in the
+/// checkpoint's [`Batches`].
+#[derive(Debug, Serialize, Deserialize)]
+pub enum WindowsState {
+    Panes {
+        closed: i64,
+        /// Pane start, and per input the rows' batch numbers.
+        panes: Vec<(i64, Vec<Vec<usize>>)>,
+    },
+    Sessions {
+        closed: i64,
+        /// Key (row format), and its sessions: start, last event time, batch numbers.
+        open: Vec<(Vec<u8>, Vec<(i64, i64, Vec<usize>)>)>,
+    },
 }
 
 fn times(batch: &RecordBatch, et: usize) -> Option<&TimestampMillisecondArray> {
@@ -382,6 +516,13 @@ pub struct SourceClock {
     last_rows_at: i64,
 }
 
+/// A clock's progress in a checkpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClockState {
+    pub max_event: Option<i64>,
+    pub last_rows_at: i64,
+}
+
 /// The out-of-orderness of a receive-time source: rows of different shards reach the
 /// runner up to a flush interval apart.
 pub const RECEIVE_TIME_SLACK_MS: i64 = 250;
@@ -427,6 +568,21 @@ impl SourceClock {
                 m - self.delay + quiet.max(0)
             }
         }
+    }
+
+    pub fn state(&self) -> ClockState {
+        ClockState {
+            max_event: self.max_event,
+            last_rows_at: self.last_rows_at,
+        }
+    }
+
+    /// Takes up a checkpointed clock at `now`. The restart counts as activity: the broker
+    /// is about to redeliver what came in meanwhile, and the idle rule must not close the
+    /// windows it belongs to first.
+    pub fn restore(&mut self, state: &ClockState, now: i64) {
+        self.max_event = state.max_event;
+        self.last_rows_at = state.last_rows_at.max(now);
     }
 
     /// Rows with an event time after this, at `now`, are too far ahead to be windowed.

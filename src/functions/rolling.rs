@@ -57,6 +57,63 @@ impl Rolling {
         }
     }
 
+    /// The state across windows, for a checkpoint.
+    pub fn save(&self) -> RollingState {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        RollingState {
+            calls: st.calls,
+            newest: st.newest,
+            keys: st
+                .keys
+                .iter()
+                .map(|(k, v)| {
+                    (
+                        k.to_vec(),
+                        SavedKey {
+                            past: v.past.iter().map(|(t, s)| (*t, s.save())).collect(),
+                            newest: v.newest,
+                            current: v.current.iter().map(|x| x.map(f64::to_bits)).collect(),
+                            current_call: v.current_call,
+                            used: v.used.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// Takes up checkpointed state. Keys are in arrow's row format, which the converter
+    /// built at the next call reproduces from the same key types.
+    pub fn restore(&self, saved: RollingState) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        st.calls = saved.calls;
+        st.newest = saved.newest;
+        st.keys = saved
+            .keys
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    k.into_boxed_slice(),
+                    KeyState {
+                        past: v
+                            .past
+                            .into_iter()
+                            .map(|(t, s)| (t, Summary::load(s)))
+                            .collect(),
+                        newest: v.newest,
+                        current: v
+                            .current
+                            .into_iter()
+                            .map(|x| x.map(f64::from_bits))
+                            .collect(),
+                        current_call: v.current_call,
+                        used: v.used,
+                    },
+                )
+            })
+            .collect();
+    }
+
     /// Keys held now (for tests of bounded memory).
     pub fn keys(&self) -> usize {
         self.state.lock().map(|s| s.keys.len()).unwrap_or(0)
@@ -114,6 +171,27 @@ impl Default for Summary {
 }
 
 impl Summary {
+    /// Floats as their bits: JSON has no infinities or NaN.
+    fn save(&self) -> [u64; 5] {
+        [
+            self.n,
+            self.mean.to_bits(),
+            self.m2.to_bits(),
+            self.min.to_bits(),
+            self.max.to_bits(),
+        ]
+    }
+
+    fn load(s: [u64; 5]) -> Summary {
+        Summary {
+            n: s[0],
+            mean: f64::from_bits(s[1]),
+            m2: f64::from_bits(s[2]),
+            min: f64::from_bits(s[3]),
+            max: f64::from_bits(s[4]),
+        }
+    }
+
     fn add(&mut self, v: f64) {
         self.n += 1;
         let d = v - self.mean;
@@ -153,6 +231,23 @@ impl Summary {
             RollingFn::Stddev => Some((self.m2 / (self.n - 1) as f64).sqrt()),
         }
     }
+}
+
+/// A [`Rolling`] function's state in a checkpoint.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct RollingState {
+    calls: u64,
+    newest: i64,
+    keys: Vec<(Vec<u8>, SavedKey)>,
+}
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct SavedKey {
+    past: Vec<(i64, [u64; 5])>,
+    newest: Option<i64>,
+    current: Vec<Option<u64>>,
+    current_call: u64,
+    used: Vec<bool>,
 }
 
 #[derive(Default)]

@@ -2,16 +2,18 @@
 //!
 //! Layout: `<data-dir>/<table>/date=YYYY-MM-DD/hour=HH/part-<ms>-<seq>-<pid>.parquet`
 //! (Hive-style folders, which DataFusion's listing tables understand). A file is written
-//! under `<data-dir>/.staging/`, outside every table, fsynced, then renamed into place: a
-//! reader sees a whole file or none. Files roll on size, on age and when the hour changes.
-//! Each table has a writer thread, since Parquet encoding and zstd are CPU work that must
-//! not stall the engine's event loop.
+//! under `<data-dir>/.staging/`, outside every table, and finished there (footer, fsync)
+//! when it reaches its size, when the hour changes, or when a checkpoint asks
+//! ([`ParquetTable::seal`]). The checkpoint renames finished files into place once it has
+//! committed (`durable::checkpoint`): a reader sees a whole file or none, and never rows
+//! the engine would write again after a crash. Each table has a writer thread, since
+//! Parquet encoding and zstd are CPU work that must not stall the engine's event loop.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::time::{Duration, Instant};
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::time::Duration;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use datafusion::arrow::datatypes::SchemaRef;
@@ -20,13 +22,16 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 
+use tokio::sync::oneshot;
+
+use crate::durable::checkpoint::Staged;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone, Copy)]
 pub struct RollPolicy {
-    /// Commit a file once it holds about this many bytes.
+    /// Finish a file once it holds about this many bytes.
     pub max_bytes: usize,
-    /// Commit a file this long after its first row, so recent rows become queryable.
+    /// How often files are committed (with a checkpoint), so recent rows become queryable.
     pub max_age: Duration,
 }
 
@@ -39,15 +44,27 @@ impl Default for RollPolicy {
     }
 }
 
+/// A row group is written out once it holds this many bytes in memory.
+const ROW_GROUP_BYTES: usize = 16 << 20;
+
 /// A handle on one table's writer thread.
 pub struct ParquetTable {
     name: String,
-    tx: Option<Sender<RecordBatch>>,
+    tx: Option<Sender<Request>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+enum Request {
+    Rows(RecordBatch),
+    /// Finish the open file; answer with every file finished since the last seal, or with
+    /// why rows could not be written.
+    Seal(oneshot::Sender<Result<Vec<Staged>, String>>),
+}
+
 impl ParquetTable {
-    /// Opens a table for appending; removes its staging leftovers from an earlier crash.
+    /// Opens a table for appending; removes its staging leftovers from an earlier crash
+    /// (files a committed checkpoint names are moved into place before, by
+    /// `durable::recover`).
     pub fn open(
         data_dir: &Path,
         name: &str,
@@ -84,6 +101,8 @@ impl ParquetTable {
             metrics,
             open: None,
             seq: 0,
+            sealed: Vec::new(),
+            failed: None,
         };
         let thread = std::thread::Builder::new()
             .name(format!("parquet-{name}"))
@@ -100,7 +119,7 @@ impl ParquetTable {
             return;
         }
         if let Some(tx) = &self.tx {
-            if tx.send(batch).is_err() {
+            if tx.send(Request::Rows(batch)).is_err() {
                 tracing::error!(
                     table = self.name,
                     "parquet writer is gone; rows not written"
@@ -109,7 +128,22 @@ impl ParquetTable {
         }
     }
 
-    /// Commits and stops the writer thread.
+    /// Finishes the open file; returns the files finished since the last seal, for a
+    /// checkpoint to commit. An error means rows were lost on their way to disk: the
+    /// checkpoint must not be taken.
+    pub async fn seal(&self) -> Result<Vec<Staged>, String> {
+        let (tx, rx) = oneshot::channel();
+        let gone = || format!("the writer of table `{}` is gone", self.name);
+        self.tx
+            .as_ref()
+            .ok_or_else(gone)?
+            .send(Request::Seal(tx))
+            .map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    /// Stops the writer thread. Rows not sealed and committed by a checkpoint are left in
+    /// staging and deleted at the next start: the log has them.
     pub fn close(mut self) {
         self.tx.take();
         if let Some(t) = self.thread.take() {
@@ -123,7 +157,6 @@ struct OpenFile {
     staging_path: PathBuf,
     final_dir: PathBuf,
     file_name: String,
-    opened: Instant,
     hour: (i32, u32, u32, u32),
     rows: usize,
 }
@@ -137,6 +170,10 @@ struct Writer {
     metrics: Arc<Metrics>,
     open: Option<OpenFile>,
     seq: u64,
+    /// Finished since the last seal.
+    sealed: Vec<Staged>,
+    /// Why rows were lost since the last seal.
+    failed: Option<String>,
 }
 
 fn hour_of(t: DateTime<Utc>) -> (i32, u32, u32, u32) {
@@ -144,37 +181,40 @@ fn hour_of(t: DateTime<Utc>) -> (i32, u32, u32, u32) {
 }
 
 impl Writer {
-    fn run(&mut self, rx: Receiver<RecordBatch>) {
-        loop {
-            let wait = match &self.open {
-                Some(f) => self
-                    .roll
-                    .max_age
-                    .saturating_sub(f.opened.elapsed())
-                    .max(Duration::from_millis(10)),
-                None => Duration::from_secs(3600),
-            };
-            match rx.recv_timeout(wait) {
-                Ok(b) => self.write(b),
-                Err(RecvTimeoutError::Timeout) => {}
-                Err(RecvTimeoutError::Disconnected) => {
-                    self.commit();
-                    return;
+    fn run(&mut self, rx: Receiver<Request>) {
+        while let Ok(req) = rx.recv() {
+            match req {
+                Request::Rows(b) => self.write(b),
+                Request::Seal(answer) => {
+                    self.finish_open();
+                    let result = match self.failed.take() {
+                        Some(e) => Err(format!("table `{}`: {e}", self.table)),
+                        None => Ok(std::mem::take(&mut self.sealed)),
+                    };
+                    let _ = answer.send(result);
+                    continue;
                 }
             }
             let due = match &self.open {
                 Some(f) => {
-                    f.opened.elapsed() >= self.roll.max_age
-                        || f.writer.bytes_written() + f.writer.in_progress_size()
-                            >= self.roll.max_bytes
+                    f.writer.bytes_written() + f.writer.in_progress_size() >= self.roll.max_bytes
                         || f.hour != hour_of(Utc::now())
                 }
                 None => false,
             };
             if due {
-                self.commit();
+                self.finish_open();
             }
         }
+    }
+
+    fn fail(&mut self, rows: usize, what: String) {
+        self.metrics
+            .parquet_errors
+            .with_label_values(&[&self.table])
+            .inc();
+        tracing::error!(table = self.table, rows, "{what}");
+        self.failed.get_or_insert(what);
     }
 
     fn write(&mut self, batch: RecordBatch) {
@@ -183,6 +223,7 @@ impl Writer {
         let batch = match RecordBatch::try_new(self.schema.clone(), batch.columns().to_vec()) {
             Ok(b) => b,
             Err(e) => {
+                // A bug, not a disk problem: the rows are reported, the table goes on.
                 self.metrics
                     .parquet_errors
                     .with_label_values(&[&self.table])
@@ -199,28 +240,29 @@ impl Writer {
             match self.create() {
                 Ok(f) => self.open = Some(f),
                 Err(e) => {
-                    self.metrics
-                        .parquet_errors
-                        .with_label_values(&[&self.table])
-                        .inc();
-                    tracing::error!(
-                        table = self.table,
-                        rows = n,
-                        "cannot create a parquet file: {e}"
-                    );
+                    self.fail(n, format!("cannot create a parquet file: {e}"));
                     return;
                 }
             }
         }
         if let Some(f) = self.open.as_mut() {
-            match f.writer.write(&batch) {
+            // Rows wait in memory until their row group is written: cap it in bytes, or a
+            // table of large rows holds a commit interval's worth of them.
+            let written = f.writer.write(&batch).and_then(|()| {
+                if f.writer.in_progress_size() >= ROW_GROUP_BYTES {
+                    f.writer.flush()
+                } else {
+                    Ok(())
+                }
+            });
+            match written {
                 Ok(()) => f.rows += n,
                 Err(e) => {
-                    self.metrics
-                        .parquet_errors
-                        .with_label_values(&[&self.table])
-                        .inc();
-                    tracing::error!(table = self.table, rows = n, "parquet write failed: {e}");
+                    self.fail(n, format!("parquet write failed: {e}"));
+                    // The file may be broken past this point: drop it.
+                    if let Some(f) = self.open.take() {
+                        let _ = std::fs::remove_file(&f.staging_path);
+                    }
                 }
             }
         }
@@ -250,16 +292,23 @@ impl Writer {
             staging_path,
             final_dir,
             file_name,
-            opened: Instant::now(),
             hour: hour_of(now),
             rows: 0,
         })
     }
 
-    fn commit(&mut self) {
+    /// Finishes the open file in staging (footer, fsync), ready for a checkpoint.
+    fn finish_open(&mut self) {
         let Some(f) = self.open.take() else { return };
         let rows = f.rows;
-        match finish(f) {
+        let target = f.final_dir.join(&f.file_name);
+        let staging = f.staging_path.clone();
+        let finished = (|| -> anyhow::Result<u64> {
+            let file = f.writer.into_inner()?;
+            file.sync_all()?;
+            Ok(file.metadata()?.len())
+        })();
+        match finished {
             Ok(bytes) => {
                 self.metrics
                     .parquet_rows
@@ -273,28 +322,12 @@ impl Writer {
                     .parquet_bytes
                     .with_label_values(&[&self.table])
                     .inc_by(bytes);
+                self.sealed.push(Staged { staging, target });
             }
             Err(e) => {
-                self.metrics
-                    .parquet_errors
-                    .with_label_values(&[&self.table])
-                    .inc();
-                tracing::error!(table = self.table, rows, "cannot commit parquet file: {e}");
+                let _ = std::fs::remove_file(&staging);
+                self.fail(rows, format!("cannot finish a parquet file: {e}"));
             }
         }
     }
-}
-
-/// Footer, fsync, rename into the table, fsync the folder: the file is whole and durable
-/// before it is visible.
-fn finish(f: OpenFile) -> anyhow::Result<u64> {
-    let file = f.writer.into_inner()?;
-    file.sync_all()?;
-    let bytes = file.metadata()?.len();
-    drop(file);
-    std::fs::create_dir_all(&f.final_dir)?;
-    let target = f.final_dir.join(&f.file_name);
-    std::fs::rename(&f.staging_path, &target)?;
-    File::open(&f.final_dir)?.sync_all()?;
-    Ok(bytes)
 }

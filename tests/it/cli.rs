@@ -17,7 +17,10 @@ fn help_documents_every_run_option() {
         "--simulate",
         "--client-id",
         "--device-idle-timeout",
-        "--parquet-roll-interval",
+        "--commit-interval",
+        "--fsync",
+        "--drain",
+        "--max-backlog-bytes",
     ] {
         assert!(help.contains(flag), "run --help lacks {flag}:\n{help}");
     }

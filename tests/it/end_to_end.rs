@@ -181,8 +181,9 @@ fn embedded_broker_simulated_devices_and_windows() {
             "4",
             "--simulate-interval",
             "100ms",
-            "--parquet-roll-interval",
+            "--commit-interval",
             "1s",
+            "--drain",
         ],
     );
     wait_until(

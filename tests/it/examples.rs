@@ -104,6 +104,8 @@ fn start_engine(data: &std::path::Path, pipeline: &str, broker: &Mosquitto, name
             &broker.url(),
             "--client-id",
             &format!("it-{name}-{}", broker.port),
+            // The tests read every window's results after SIGTERM.
+            "--drain",
         ],
     )
 }

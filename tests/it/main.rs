@@ -7,6 +7,7 @@ mod backpressure;
 mod bench;
 mod cli;
 mod decode;
+mod delivery;
 mod end_to_end;
 mod event_time;
 mod examples;

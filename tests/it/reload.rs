@@ -49,6 +49,7 @@ fn hot_reload_keeps_unchanged_windows_and_refuses_broken_files() {
             "--client-id",
             &format!("it-reload-{}", broker.port),
             "--watch",
+            "--drain",
         ],
     );
     let sub = Subscriber::start(broker.port, "+/commands", "probe/commands");

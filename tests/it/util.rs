@@ -80,28 +80,61 @@ impl Mosquitto {
     }
 
     pub fn start_on(port: u16) -> Mosquitto {
+        Self::start_conf(port, |_| "persistence false\n".into())
+    }
+
+    /// A broker that keeps sessions and queued messages across its restarts
+    /// ([`Mosquitto::restart`]), as a production broker is configured.
+    pub fn start_persistent() -> Mosquitto {
+        Self::start_conf(free_port(), |dir| {
+            // Run as root, mosquitto drops to its own user, which must be able to save.
+            use std::os::unix::fs::PermissionsExt;
+            let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777));
+            format!(
+                "persistence true\npersistence_location {}/\nautosave_interval 1\n",
+                dir.display()
+            )
+        })
+    }
+
+    fn start_conf(port: u16, extra: impl Fn(&Path) -> String) -> Mosquitto {
         let dir = tempfile::tempdir().unwrap();
+        let extra = extra(dir.path());
         let conf = dir.path().join("mosquitto.conf");
         std::fs::write(
             &conf,
-            format!("listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\nmax_queued_messages 100000\n"),
+            format!("listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 100000\nmax_queued_bytes 0\n{extra}"),
         )
         .unwrap();
+        let proc = Self::spawn(&conf, port);
+        Mosquitto { port, proc, dir }
+    }
+
+    fn spawn(conf: &Path, port: u16) -> Proc {
         let child = Command::new("mosquitto")
             .arg("-c")
-            .arg(&conf)
+            .arg(conf)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start mosquitto");
+        let proc = Proc(Some(child));
         wait_until(Duration::from_secs(10), "mosquitto listening", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         });
-        Mosquitto {
-            port,
-            proc: Proc(Some(child)),
-            dir,
+        proc
+    }
+
+    /// Stops the broker as an operator would (SIGTERM: it saves its state) and starts it
+    /// again on the same port.
+    pub fn restart(&mut self) {
+        if let Some(mut c) = self.proc.0.take() {
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGTERM);
+            }
+            let _ = c.wait();
         }
+        self.proc = Self::spawn(&self.dir.path().join("mosquitto.conf"), self.port);
     }
 
     pub fn url(&self) -> String {
@@ -127,8 +160,21 @@ pub struct Engine {
 impl Engine {
     /// Starts `fleetsql run` with `args` and waits until it is subscribed to its broker.
     pub fn start(data_dir: &Path, args: &[&str]) -> Engine {
+        Self::start_limited(data_dir, args, None)
+    }
+
+    /// [`Engine::start`], with every file the engine writes limited to `file_kib` KiB
+    /// (`ulimit -f`): writes past it fail as on a full disk.
+    pub fn start_limited(data_dir: &Path, args: &[&str], file_kib: Option<u64>) -> Engine {
         let metrics_port = free_port();
-        let mut cmd = Command::new(BIN);
+        let mut cmd = match file_kib {
+            None => Command::new(BIN),
+            Some(kib) => {
+                let mut c = Command::new("sh");
+                c.args(["-c", "ulimit -f $0 && exec \"$@\"", &kib.to_string(), BIN]);
+                c
+            }
+        };
         cmd.arg("run")
             .args(args)
             .arg("--data-dir")
@@ -170,6 +216,34 @@ impl Engine {
 
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.proc.0.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGKILL: a crash, with no chance to flush anything.
+    pub fn kill(mut self) {
+        if let Some(mut c) = self.proc.0.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the engine to exit on its own; its exit code.
+    pub fn wait_exit(mut self, timeout: Duration) -> i32 {
+        let mut child = self.proc.0.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("engine did not exit; log:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     pub fn metrics(&self) -> String {
@@ -373,4 +447,103 @@ pub async fn local(pipeline: &Path) -> fleetsql::engine::local::Local {
         .await
         .unwrap();
     fleetsql::engine::local::Local::new(compiled).unwrap()
+}
+
+/// A fleet's publisher: QoS 1 with a persistent session, reconnecting through broker
+/// restarts (rumqttc resends what the broker has not acknowledged); counts the broker's
+/// acknowledgements.
+pub struct Publisher {
+    pub acked: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Publisher {
+    /// Publishes `messages` in order, at most `per_second` of them a second (0: as fast as
+    /// the broker takes them).
+    pub fn start(
+        port: u16,
+        id: &str,
+        messages: Vec<(String, String)>,
+        per_second: u32,
+    ) -> Publisher {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let mut opts = rumqttc::MqttOptions::new(id, "127.0.0.1", port);
+        opts.set_clean_session(false);
+        opts.set_keep_alive(Duration::from_secs(5));
+        opts.set_inflight(100);
+        let (client, mut connection) = rumqttc::Client::new(opts, 1000);
+        let acked = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (a, s) = (acked.clone(), stop.clone());
+        let poll = std::thread::spawn(move || {
+            for ev in connection.iter() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                match ev {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_))) => {
+                        a.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Ok(_) => {}
+                    // The broker is down: retry until it is back (the test bounds the wait).
+                    Err(_) => std::thread::sleep(Duration::from_millis(100)),
+                }
+            }
+        });
+        let s = stop.clone();
+        let publish = std::thread::spawn(move || {
+            let started = Instant::now();
+            for (i, (topic, payload)) in messages.into_iter().enumerate() {
+                if s.load(Ordering::SeqCst) {
+                    return;
+                }
+                if per_second > 0 {
+                    let due = started + Duration::from_secs_f64(i as f64 / per_second as f64);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                }
+                if client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload)
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        });
+        Publisher {
+            acked,
+            stop,
+            threads: vec![poll, publish],
+        }
+    }
+
+    pub fn acked(&self) -> usize {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The poll thread ends at its next event (keep-alive at the latest).
+        for t in self.threads.drain(..) {
+            drop(t);
+        }
+    }
+}
+
+/// Resident memory of a process, in bytes (Linux).
+pub fn rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    Some(kb * 1024)
 }

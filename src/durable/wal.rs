@@ -1,0 +1,342 @@
+//! The write-ahead log: every message the broker delivers is appended here, as Arrow IPC,
+//! before the engine acknowledges it. A message acknowledged is a message on disk; after a
+//! crash the engine replays the log from its last checkpoint.
+//!
+//! Layout: `<data-dir>/.wal/<first seq, 20 digits>.arrows`, each an Arrow IPC stream of
+//! batches `(seq, received_at, topic, payload, pkid)` (pyarrow reads them with
+//! `pyarrow.ipc.open_stream`). A segment is never appended to after a restart, so a write
+//! torn by a crash can only be the last batch of a segment: reading stops there, and those
+//! messages were never acknowledged (the broker sends them again).
+//!
+//! Segments roll on size and age, and the checkpointer deletes those wholly before a
+//! checkpoint's position, keeping one more segment as a margin: its packet ids let the
+//! engine recognise a broker's redelivery of a message it already logged (see
+//! [`Redeliveries`]).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::hash::{Hash, Hasher};
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use datafusion::arrow::array::{
+    AsArray, BinaryArray, Int64Array, StringArray, UInt16Array, UInt64Array,
+};
+use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema, SchemaRef, UInt16Type};
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::decode::Message;
+
+/// When the log is forced to disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// `fsync` each batch before its messages are acknowledged: survives a power cut.
+    Always,
+    /// Hand each batch to the operating system before acknowledging: survives a crash of
+    /// the engine, not of the machine. Faster on slow disks.
+    Off,
+}
+
+impl std::str::FromStr for Fsync {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "always" => Ok(Fsync::Always),
+            "off" => Ok(Fsync::Off),
+            _ => Err(format!("`{s}`: the fsync policy is `always` or `off`")),
+        }
+    }
+}
+
+/// A segment rolls once it holds this many bytes.
+const SEGMENT_BYTES: u64 = 64 << 20;
+
+fn schema() -> SchemaRef {
+    Arc::new(Schema::new(vec![
+        Field::new("seq", DataType::UInt64, false),
+        Field::new("received_at", DataType::Int64, false),
+        Field::new("topic", DataType::Utf8, false),
+        Field::new("payload", DataType::Binary, false),
+        Field::new("pkid", DataType::UInt16, false),
+    ]))
+}
+
+pub fn dir(data_dir: &Path) -> PathBuf {
+    data_dir.join(".wal")
+}
+
+/// A logged message: its place in the log, and the MQTT packet id it came with (0 for
+/// QoS 0 and for messages not from a broker).
+pub struct Logged {
+    pub seq: u64,
+    pub msg: Message,
+    pub pkid: u16,
+}
+
+struct Segment {
+    writer: StreamWriter<BufWriter<File>>,
+    bytes: u64,
+    opened: Instant,
+}
+
+/// The appending side of the log.
+pub struct Wal {
+    dir: PathBuf,
+    fsync: Fsync,
+    max_age: Duration,
+    next_seq: u64,
+    segment: Option<Segment>,
+}
+
+impl Wal {
+    /// Opens the log for appending after `next_seq` (the position after everything the
+    /// log already holds); a new segment starts with the first append.
+    pub fn new(dir: PathBuf, fsync: Fsync, max_age: Duration, next_seq: u64) -> Wal {
+        Wal {
+            dir,
+            fsync,
+            max_age,
+            next_seq,
+            segment: None,
+        }
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// Appends messages, durably as the policy says; returns the seq of the first. On an
+    /// error nothing of the batch may be counted as logged, and the segment is abandoned
+    /// (a later append starts a new one).
+    pub fn append(&mut self, msgs: &[(Message, u16)]) -> std::io::Result<u64> {
+        let first = self.next_seq;
+        if msgs.is_empty() {
+            return Ok(first);
+        }
+        let result = self.write(first, msgs);
+        if result.is_err() {
+            self.segment = None;
+        } else {
+            self.next_seq += msgs.len() as u64;
+        }
+        result.map(|_| first)
+    }
+
+    fn write(&mut self, first: u64, msgs: &[(Message, u16)]) -> std::io::Result<()> {
+        let roll = match &self.segment {
+            Some(s) => s.bytes >= SEGMENT_BYTES || s.opened.elapsed() >= self.max_age,
+            None => true,
+        };
+        if roll {
+            self.segment = None;
+            std::fs::create_dir_all(&self.dir)?;
+            let path = self.dir.join(format!("{first:020}.arrows"));
+            let file = File::create(&path)?;
+            sync_dir(&self.dir)?;
+            let writer = StreamWriter::try_new(BufWriter::new(file), &schema()).map_err(io)?;
+            self.segment = Some(Segment {
+                writer,
+                bytes: 0,
+                opened: Instant::now(),
+            });
+        }
+        let batch = RecordBatch::try_new(
+            schema(),
+            vec![
+                Arc::new(UInt64Array::from_iter_values(
+                    (0..msgs.len() as u64).map(|i| first + i),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    msgs.iter().map(|(m, _)| m.received_at),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    msgs.iter().map(|(m, _)| m.topic.as_str()),
+                )),
+                Arc::new(BinaryArray::from_iter_values(
+                    msgs.iter().map(|(m, _)| m.payload.as_ref()),
+                )),
+                Arc::new(UInt16Array::from_iter_values(msgs.iter().map(|(_, p)| *p))),
+            ],
+        )
+        .map_err(io)?;
+        let Some(seg) = self.segment.as_mut() else {
+            return Err(std::io::Error::other("no open segment"));
+        };
+        seg.writer.write(&batch).map_err(io)?;
+        seg.writer.flush().map_err(io)?;
+        seg.bytes += batch.get_array_memory_size() as u64;
+        if self.fsync == Fsync::Always {
+            seg.writer.get_mut().get_ref().sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+fn io(e: datafusion::arrow::error::ArrowError) -> std::io::Error {
+    match e {
+        datafusion::arrow::error::ArrowError::IoError(_, e) => e,
+        e => std::io::Error::other(e),
+    }
+}
+
+pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Segment files, oldest first, with their first seq.
+fn segments(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut out = Vec::new();
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let first = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_suffix(".arrows"))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(first) = first {
+            out.push((first, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// What a restart finds in the log.
+pub struct Recovered {
+    /// Messages at or after the checkpoint's position, in order: to be processed again.
+    pub replay: Vec<Logged>,
+    /// The seq after the last message logged.
+    pub next_seq: u64,
+    /// Packet ids of every message still in the log.
+    pub redeliveries: Redeliveries,
+    /// Batches that could not be read: the torn end of a segment a crash interrupted.
+    pub torn: usize,
+}
+
+/// Reads every segment; keeps the messages from `from` on for replay.
+pub fn recover(dir: &Path, from: u64) -> std::io::Result<Recovered> {
+    let mut out = Recovered {
+        replay: Vec::new(),
+        next_seq: from,
+        redeliveries: Redeliveries::default(),
+        torn: 0,
+    };
+    for (_, path) in segments(dir)? {
+        let file = File::open(&path)?;
+        // An empty or torn segment header: the crash came before its first batch.
+        let Ok(reader) = StreamReader::try_new(std::io::BufReader::new(file), None) else {
+            out.torn += 1;
+            continue;
+        };
+        for batch in reader {
+            let Ok(b) = batch else {
+                out.torn += 1;
+                break;
+            };
+            let seq = b
+                .column(0)
+                .as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
+            let at = b.column(1).as_primitive::<Int64Type>();
+            let topic = b.column(2).as_string::<i32>();
+            let payload = b.column(3).as_binary::<i32>();
+            let pkid = b.column(4).as_primitive::<UInt16Type>();
+            for i in 0..b.num_rows() {
+                let s = seq.value(i);
+                out.next_seq = out.next_seq.max(s + 1);
+                out.redeliveries
+                    .note(s, pkid.value(i), topic.value(i), payload.value(i));
+                if s >= from {
+                    out.replay.push(Logged {
+                        seq: s,
+                        msg: Message {
+                            topic: topic.value(i).to_string(),
+                            payload: bytes::Bytes::copy_from_slice(payload.value(i)),
+                            received_at: at.value(i),
+                        },
+                        pkid: pkid.value(i),
+                    });
+                }
+            }
+        }
+    }
+    out.replay.sort_by_key(|l| l.seq);
+    out.replay.dedup_by_key(|l| l.seq);
+    Ok(out)
+}
+
+/// Deletes the segments no longer needed once everything before `before` is checkpointed:
+/// those whose messages are all before it, except the newest of them (kept for
+/// [`Redeliveries`]).
+pub fn truncate(dir: &Path, before: u64) -> std::io::Result<usize> {
+    let segs = segments(dir)?;
+    let mut removed = 0;
+    // Segment i holds [first_i, first_{i+1}); it may go when segment i+2 starts at or
+    // before `before`.
+    for i in 0..segs.len() {
+        match segs.get(i + 2) {
+            Some((first, _)) if *first <= before => {
+                std::fs::remove_file(&segs[i].1)?;
+                removed += 1;
+            }
+            _ => break,
+        }
+    }
+    Ok(removed)
+}
+
+/// Recognises a broker's redelivery of a message already in the log.
+///
+/// After a reconnect (or a restart) a broker sends again, with the DUP flag and their
+/// original packet ids, the QoS 1 messages it has no acknowledgement for. Some of them may
+/// already be logged: the engine wrote them, then lost the connection (or crashed) before
+/// its acknowledgement went out. A message with DUP set whose packet id, topic and payload
+/// equal a recently logged message's is that message. "Recently" is within
+/// [`REDELIVERY_WINDOW`] logged messages: a broker reuses a packet id only once the
+/// earlier message is acknowledged, and it numbers messages in order, so an older entry
+/// with the same id is a different message (which the window keeps from matching when a
+/// device repeats a payload).
+#[derive(Default)]
+pub struct Redeliveries {
+    by_pkid: HashMap<u16, (u64, u64)>,
+}
+
+/// How far back (in logged messages) a redelivery is looked for: more than any broker's
+/// in-flight window (mosquitto's `max_inflight_messages` defaults to 20).
+pub const REDELIVERY_WINDOW: u64 = 16_384;
+
+fn identity(topic: &str, payload: &[u8]) -> u64 {
+    // A fixed hasher: identities are rebuilt from the log after a restart.
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    topic.hash(&mut h);
+    payload.hash(&mut h);
+    h.finish()
+}
+
+impl Redeliveries {
+    pub fn note(&mut self, seq: u64, pkid: u16, topic: &str, payload: &[u8]) {
+        if pkid != 0 {
+            self.by_pkid.insert(pkid, (seq, identity(topic, payload)));
+        }
+    }
+
+    /// Whether a message the broker marked DUP is one already logged, `next_seq` being the
+    /// log's next position.
+    pub fn is_logged(&self, pkid: u16, topic: &str, payload: &[u8], next_seq: u64) -> bool {
+        match self.by_pkid.get(&pkid) {
+            Some((seq, id)) => {
+                next_seq.saturating_sub(*seq) <= REDELIVERY_WINDOW
+                    && *id == identity(topic, payload)
+            }
+            None => false,
+        }
+    }
+}
