@@ -148,7 +148,7 @@ pub fn recover(data_dir: &Path) -> anyhow::Result<Option<(Manifest, Batches)>> {
     let epoch_dir = root.join(format!("{epoch:020}"));
     let state = std::fs::read(epoch_dir.join("state.json"))
         .map_err(|e| anyhow::anyhow!("cannot read checkpoint {}: {e}", epoch_dir.display()))?;
-    let mut m: Manifest = serde_json::from_slice(&state)
+    let m: Manifest = serde_json::from_slice(&state)
         .map_err(|e| anyhow::anyhow!("checkpoint {} is unreadable: {e}", epoch_dir.display()))?;
     let moved = publish(&m.staged)?;
     if moved > 0 {
@@ -167,10 +167,6 @@ pub fn recover(data_dir: &Path) -> anyhow::Result<Option<(Manifest, Batches)>> {
         let reader = StreamReader::try_new(std::io::BufReader::new(File::open(&p)?), None)?;
         let list = reader.collect::<Result<Vec<_>, _>>()?;
         batches.0.insert(name.to_string(), list);
-    }
-    for (query, end) in read_journal(&root) {
-        let e = m.published.entry(query).or_insert(i64::MIN);
-        *e = (*e).max(end);
     }
     Ok(Some((m, batches)))
 }
@@ -204,11 +200,16 @@ pub struct Journal {
 }
 
 impl Journal {
+    /// What the checkpoint in force says was sent, and what was recorded after it (also
+    /// when no checkpoint was ever committed).
     pub fn new(data_dir: &Path, published: BTreeMap<String, i64>) -> Journal {
-        Journal {
-            root: dir(data_dir),
-            published: published.into_iter().collect(),
+        let root = dir(data_dir);
+        let mut published: HashMap<String, i64> = published.into_iter().collect();
+        for (query, end) in read_journal(&root) {
+            let e = published.entry(query).or_insert(i64::MIN);
+            *e = (*e).max(end);
         }
+        Journal { root, published }
     }
 
     /// Whether the commands of `query`'s window ending at `end` went out already.
