@@ -388,7 +388,8 @@ fn sigterm_commits_everything_and_windows_resume() {
         "1h",
     ];
     let engine = Engine::start(&data, &args);
-    publish(broker.port, &numbered(5, 100, 0));
+    // One ordered connection (not a publisher per device): rows arrive in event-time order.
+    let _publisher = Publisher::start(broker.port, "sigterm-fleet", numbered(5, 100, 0), 0);
     wait_until(Duration::from_secs(30), "every reading logged", || {
         engine.metric("fleetsql_wal_messages_total") == Some(TOTAL as f64)
     });
