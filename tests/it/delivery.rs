@@ -62,18 +62,19 @@ fn numbered(devices: usize, per_device: usize, pad: usize) -> Vec<(String, Strin
     out
 }
 
+fn any_parquet(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let p = e.path();
+            p.extension().is_some_and(|x| x == "parquet") || (p.is_dir() && any_parquet(&p))
+        })
+}
+
 /// Rows in the raw table, and distinct (device, k) among them.
 fn raw_counts(data: &std::path::Path) -> (i64, i64) {
-    fn any_parquet(dir: &std::path::Path) -> bool {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                let p = e.path();
-                p.extension().is_some_and(|x| x == "parquet") || (p.is_dir() && any_parquet(&p))
-            })
-    }
     if !any_parquet(&data.join("telemetry")) {
         return (0, 0);
     }
@@ -88,6 +89,9 @@ fn raw_counts(data: &std::path::Path) -> (i64, i64) {
 }
 
 fn windows(data: &std::path::Path) -> Vec<String> {
+    if !data.join("per_window").exists() || !any_parquet(&data.join("per_window")) {
+        return vec![];
+    }
     json_lines(&sql(&[format!(
         "SELECT device_id, window_start, n, s FROM '{}/per_window/' ORDER BY device_id, window_start",
         data.display()
