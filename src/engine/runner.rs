@@ -220,6 +220,9 @@ pub struct RunnerState {
     pub dedupe: Vec<(String, super::dedupe::DedupeState)>,
     /// Per frame over past windows (by function name).
     pub rolling: Vec<(String, crate::functions::rolling::RollingState)>,
+    /// Per anomaly detector (by function name).
+    #[serde(default)]
+    pub detectors: Vec<(String, crate::functions::detect::DetectState)>,
 }
 
 /// A windowed query's open windows in a checkpoint.
@@ -395,6 +398,16 @@ impl Runner {
                     Some((name, r.save()))
                 })
                 .collect(),
+            detectors: self
+                .rolling_functions()
+                .into_iter()
+                .filter_map(|(name, udf)| {
+                    let d = udf
+                        .inner()
+                        .downcast_ref::<crate::functions::detect::Detect>()?;
+                    Some((name, d.save()))
+                })
+                .collect(),
         };
         (state, batches)
     }
@@ -454,9 +467,18 @@ impl Runner {
                 r.restore(saved);
             }
         }
+        for (name, saved) in state.detectors {
+            let d = functions
+                .get(&name)
+                .and_then(|u| u.inner().downcast_ref::<crate::functions::detect::Detect>());
+            if let Some(d) = d {
+                d.restore(saved);
+            }
+        }
     }
 
-    /// The pipeline's frames over past windows: the functions whose state spans windows.
+    /// The pipeline's frames over past windows and detectors: the functions whose state
+    /// spans windows.
     fn rolling_functions(&self) -> Vec<(String, Arc<datafusion::logical_expr::ScalarUDF>)> {
         let mut all: Vec<_> = self
             .pipeline
@@ -465,9 +487,13 @@ impl Runner {
             .scalar_functions()
             .iter()
             .filter(|(_, u)| {
-                u.inner()
+                let inner = u.inner();
+                inner
                     .downcast_ref::<crate::functions::rolling::Rolling>()
                     .is_some()
+                    || inner
+                        .downcast_ref::<crate::functions::detect::Detect>()
+                        .is_some()
             })
             .map(|(n, u)| (n.clone(), u.clone()))
             .collect();

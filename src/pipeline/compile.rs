@@ -33,7 +33,9 @@ use super::parse::{
     WindowKind, WindowSpec,
 };
 pub use super::reference::Reference;
+use crate::functions::detect::Detect;
 use crate::functions::rolling::Rolling;
+use crate::pipeline::rewrite::StateSpec;
 
 /// The timestamp type of every engine-made time column: epoch milliseconds, UTC.
 pub fn ts_type() -> DataType {
@@ -250,7 +252,11 @@ pub fn session() -> SessionContext {
         .options_mut()
         .optimizer
         .enable_dynamic_filter_pushdown = false;
-    SessionContext::new_with_config(config)
+    let ctx = SessionContext::new_with_config(config);
+    // The detector across sensors of one window; the detectors with state across windows
+    // are registered per use (`register_rolling`).
+    ctx.register_udwf(crate::functions::detect::peer::udwf());
+    ctx
 }
 
 /// The presence stream's columns.
@@ -516,9 +522,15 @@ fn empty_create_table() -> CreateTable {
 /// Registers the functions behind frames over past windows, one instance per use.
 fn register_rolling(ctx: &SessionContext, rolling: &[RollingSpec]) {
     for r in rolling {
-        ctx.register_udf(ScalarUDF::new_from_impl(Rolling::new(
-            &r.udf, r.func, r.frame,
-        )));
+        let udf = match &r.state {
+            StateSpec::Frame { func, frame } => {
+                ScalarUDF::new_from_impl(Rolling::new(&r.udf, *func, *frame))
+            }
+            StateSpec::Detector { kind, dims } => {
+                ScalarUDF::new_from_impl(Detect::new(&r.udf, kind.clone(), *dims))
+            }
+        };
+        ctx.register_udf(udf);
     }
 }
 

@@ -72,11 +72,7 @@ pub fn explain(p: &CompiledPipeline) -> String {
             (None, None) => {}
         }
         for r in &q.spec.rolling {
-            let _ = writeln!(
-                out,
-                "state across windows: {} ({:?} {:?})",
-                r.udf, r.func, r.frame
-            );
+            let _ = writeln!(out, "state across windows: {} ({})", r.udf, r.state);
         }
         plan(&mut out, &q.plan);
     }

@@ -15,13 +15,14 @@ use std::time::Duration;
 
 use datafusion::sql::sqlparser::ast::{
     Expr, Function, FunctionArg, FunctionArgExpr, FunctionArgumentList, FunctionArguments, Ident,
-    ObjectName, Query, TableAlias, TableFactor, Value, VisitMut, VisitorMut, WindowFrameBound,
-    WindowFrameUnits, WindowType,
+    ObjectName, OrderByExpr, Query, TableAlias, TableFactor, UnaryOperator, Value, VisitMut,
+    VisitorMut, WindowFrameBound, WindowFrameUnits, WindowType,
 };
 use datafusion::sql::sqlparser::tokenizer::Span;
 
 use super::diag::{Diagnostic, Loc, SourceFile};
 use super::parse::{DEVICE_ID, EVENT_TIME, WINDOW_END};
+use crate::functions::detect::models::{self as detectors, Kind as DetectorKind, Param};
 use crate::time::parse_duration;
 
 /// How a query's rows are grouped in event time.
@@ -382,14 +383,31 @@ pub enum Frame {
     Rows(u64),
 }
 
-/// One `agg(x) OVER (...)` that the engine keeps across windows; its function is registered
-/// under `udf` when the query is planned.
+/// One `agg(x) OVER (...)` or detector that the engine keeps across windows; its function
+/// is registered under `udf` when the query is planned.
 #[derive(Debug, Clone)]
 pub struct RollingSpec {
     pub udf: String,
-    pub func: RollingFn,
-    pub frame: Frame,
+    pub state: StateSpec,
     pub loc: Loc,
+}
+
+/// What a function with state across windows computes.
+#[derive(Debug, Clone)]
+pub enum StateSpec {
+    /// An aggregate over a frame.
+    Frame { func: RollingFn, frame: Frame },
+    /// An anomaly detector over `dims` value columns ([`crate::functions::detect`]).
+    Detector { kind: DetectorKind, dims: usize },
+}
+
+impl std::fmt::Display for StateSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateSpec::Frame { func, frame } => write!(f, "{func:?} {frame:?}"),
+            StateSpec::Detector { kind, dims } => write!(f, "{kind:?} over {dims} value(s)"),
+        }
+    }
 }
 
 /// Most rows a ROWS frame may keep per key.
@@ -420,6 +438,19 @@ pub fn rewrite_rolling(
             let Expr::Function(f) = e else {
                 return ControlFlow::Continue(());
             };
+            let lower = f.name.to_string().to_ascii_lowercase();
+            if detectors::is_detector(&lower) {
+                return match self.detector(f, &lower) {
+                    Ok(call) => {
+                        *e = call;
+                        ControlFlow::Continue(())
+                    }
+                    Err(d) => {
+                        self.error = Some(d);
+                        ControlFlow::Break(())
+                    }
+                };
+            }
             let Some(WindowType::WindowSpec(spec)) = &f.over else {
                 return ControlFlow::Continue(());
             };
@@ -482,26 +513,44 @@ pub fn rewrite_rolling(
                     return ControlFlow::Break(());
                 }
             };
-            let time = match spec.order_by.as_slice() {
-                [] => Expr::Identifier(Ident::new(if self.windowed {
-                    WINDOW_END
-                } else {
-                    EVENT_TIME
-                })),
-                [o] if o.options.asc != Some(false) => o.expr.clone(),
-                _ => {
-                    self.error = Some(loc.error(
-                        "a frame over past windows is ordered by one time column, ascending",
-                    ));
+            let time = match self.time(&spec.order_by, &loc) {
+                Ok(t) => t,
+                Err(d) => {
+                    self.error = Some(d);
                     return ControlFlow::Break(());
                 }
             };
             let mut args = vec![value, time];
             args.extend(spec.partition_by.iter().cloned());
-            // The same frame written twice in a query (in WHERE and in the SELECT list) is
-            // one function with one state, so both places see the same values.
+            *e = self.call(StateSpec::Frame { func, frame }, args, loc);
+            ControlFlow::Continue(())
+        }
+    }
+    impl Rewriter<'_> {
+        /// The time a function with state is ordered by: its ORDER BY, else `window_end` in
+        /// a windowed query and `event_time` elsewhere.
+        fn time(&self, order_by: &[OrderByExpr], loc: &Loc) -> Result<Expr, Diagnostic> {
+            match order_by {
+                [] => Ok(Expr::Identifier(Ident::new(if self.windowed {
+                    WINDOW_END
+                } else {
+                    EVENT_TIME
+                }))),
+                [o] if o.options.asc != Some(false) => Ok(o.expr.clone()),
+                _ => Err(loc.error(
+                    "a function with state across windows is ordered by one time column, ascending",
+                )),
+            }
+        }
+
+        /// The call of the engine function that keeps `state`, registered once per query for
+        /// each distinct computation.
+        fn call(&mut self, state: StateSpec, args: Vec<Expr>, loc: Loc) -> Expr {
+            // The same frame or detector written twice in a query (in WHERE and in the
+            // SELECT list) is one function with one state, so both places see the same
+            // values.
             let signature = format!(
-                "{func:?} {frame:?} {}",
+                "{state} {}",
                 args.iter()
                     .map(|a| a.to_string())
                     .collect::<Vec<_>>()
@@ -514,14 +563,13 @@ pub fn rewrite_rolling(
                     self.seen.push((signature, name.clone()));
                     self.found.push(RollingSpec {
                         udf: name.clone(),
-                        func,
-                        frame,
+                        state,
                         loc,
                     });
                     name
                 }
             };
-            *e = Expr::Function(Function {
+            Expr::Function(Function {
                 name: ObjectName::from(vec![Ident::new(&udf)]),
                 uses_odbc_syntax: false,
                 parameters: FunctionArguments::None,
@@ -537,8 +585,105 @@ pub fn rewrite_rolling(
                 null_treatment: None,
                 over: None,
                 within_group: vec![],
-            });
-            ControlFlow::Continue(())
+            })
+        }
+
+        /// `detector(value [, param...] [, name => param...]) [OVER (PARTITION BY k... [ORDER
+        /// BY t])]`, or with several values for a detector over several columns.
+        fn detector(&mut self, f: &Function, name: &str) -> Result<Expr, Diagnostic> {
+            let loc = Loc::at(self.file, name_span(&f.name));
+            let (partition, order) = match &f.over {
+                None => (vec![], vec![]),
+                Some(WindowType::WindowSpec(spec)) => {
+                    if spec.window_frame.is_some() {
+                        return Err(loc
+                            .error(format!("`{name}` keeps its own history; it takes no frame"))
+                            .with_help("give the history as a parameter, e.g. history => 200"));
+                    }
+                    (spec.partition_by.clone(), spec.order_by.clone())
+                }
+                Some(WindowType::NamedWindow(_)) => return Err(loc.error(format!(
+                    "write `{name}(...) OVER (PARTITION BY ...)` in place, not with a named window"
+                ))),
+            };
+            let list = match &f.args {
+                FunctionArguments::List(l) => l.args.as_slice(),
+                _ => &[],
+            };
+            let multi = detectors::is_multi(name);
+            let mut values = Vec::new();
+            let mut positional = Vec::new();
+            let mut named = Vec::new();
+            for a in list {
+                match a {
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(x))
+                        if multi || values.is_empty() =>
+                    {
+                        values.push(x.clone())
+                    }
+                    FunctionArg::Unnamed(FunctionArgExpr::Expr(x)) => {
+                        positional.push(param(x).ok_or_else(|| {
+                            loc.error(format!(
+                                "`{name}`'s parameters ({}) are numbers or quoted text, not `{x}`",
+                                detectors::param_names(name).join(", ")
+                            ))
+                        })?)
+                    }
+                    FunctionArg::Named {
+                        name: n,
+                        arg: FunctionArgExpr::Expr(x),
+                        ..
+                    } => named.push((
+                        n.value.clone(),
+                        param(x).ok_or_else(|| {
+                            loc.error(format!("`{n}` is a number or quoted text, not `{x}`"))
+                        })?,
+                    )),
+                    FunctionArg::ExprNamed {
+                        name: Expr::Identifier(n),
+                        arg: FunctionArgExpr::Expr(x),
+                        ..
+                    } => named.push((
+                        n.value.clone(),
+                        param(x).ok_or_else(|| {
+                            loc.error(format!("`{n}` is a number or quoted text, not `{x}`"))
+                        })?,
+                    )),
+                    other => {
+                        return Err(loc.error(format!("`{name}` cannot take `{other}`")));
+                    }
+                }
+            }
+            if values.is_empty() {
+                return Err(loc.error(format!("`{name}` needs a value to score")));
+            }
+            let kind =
+                DetectorKind::from_call(name, positional, named).map_err(|m| loc.error(m))?;
+            let dims = values.len();
+            let mut args = values;
+            args.push(self.time(&order, &loc)?);
+            args.extend(partition);
+            Ok(self.call(StateSpec::Detector { kind, dims }, args, loc))
+        }
+    }
+
+    /// A detector's parameter: a number (maybe negative) or quoted text.
+    fn param(x: &Expr) -> Option<Param> {
+        match x {
+            Expr::Value(v) => match &v.value {
+                Value::Number(n, _) => n.parse().ok().map(Param::Number),
+                Value::SingleQuotedString(s) => Some(Param::Text(s.clone())),
+                _ => None,
+            },
+            Expr::UnaryOp {
+                op: UnaryOperator::Minus,
+                expr,
+            } => match param(expr)? {
+                Param::Number(n) => Some(Param::Number(-n)),
+                Param::Text(_) => None,
+            },
+            Expr::Nested(x) => param(x),
+            _ => None,
         }
     }
     let mut r = Rewriter {
