@@ -8,6 +8,7 @@ mod bench;
 mod cli;
 mod decode;
 mod delivery;
+mod detect;
 mod end_to_end;
 mod event_time;
 mod examples;

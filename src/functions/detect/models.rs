@@ -599,12 +599,24 @@ fn mahalanobis2(x: &[f64], ring: &Ring, d: usize) -> Option<f64> {
             }
         }
     }
-    let trace: f64 = (0..d).map(|i| cov[i * d + i]).sum();
-    let ridge = (trace / d as f64).max(f64::MIN_POSITIVE) * 1e-9;
-    for i in 0..d {
-        cov[i * d + i] += ridge;
+    match distance2(x, &mean, &cov, d) {
+        Some(q) => Some(q),
+        None => {
+            // A degenerate covariance (a constant column, or columns in lockstep): a ridge
+            // of a billionth of the mean variance makes it invertible.
+            let trace: f64 = (0..d).map(|i| cov[i * d + i]).sum();
+            let ridge = (trace / d as f64).max(f64::MIN_POSITIVE) * 1e-9;
+            for i in 0..d {
+                cov[i * d + i] += ridge;
+            }
+            distance2(x, &mean, &cov, d)
+        }
     }
-    // Cholesky, L L^T = cov, then solve L y = x - mean: the distance is |y|^2.
+}
+
+/// Cholesky, L L^T = cov, then L y = x - mean: the squared distance is |y|^2. `None` when
+/// `cov` is not positive definite.
+fn distance2(x: &[f64], mean: &[f64], cov: &[f64], d: usize) -> Option<f64> {
     let mut l = vec![0.0; d * d];
     for i in 0..d {
         for j in 0..=i {
@@ -626,7 +638,7 @@ fn mahalanobis2(x: &[f64], ring: &Ring, d: usize) -> Option<f64> {
         y[i] = (x[i] - mean[i] - s) / l[i * d + i];
     }
     let q: f64 = y.iter().map(|v| v * v).sum();
-    q.is_finite().then_some(q).or(Some(f64::INFINITY))
+    Some(if q.is_finite() { q } else { f64::INFINITY })
 }
 
 /// P(chi-square with `d` degrees of freedom <= q): exact for 1 and 2, Wilson and
@@ -689,5 +701,45 @@ mod tests {
         assert_eq!(out[10].unwrap().score, 0.0);
         assert!(!out[10].unwrap().anomaly);
         assert!(out[11].unwrap().anomaly);
+    }
+}
+
+#[cfg(test)]
+mod checkpoint_tests {
+    use super::*;
+
+    /// A model written to a checkpoint (JSON) and read back goes on exactly as the original.
+    #[test]
+    fn every_model_survives_a_checkpoint() {
+        let calls: [(&str, Vec<Param>); 7] = [
+            ("zscore", vec![]),
+            ("robust_zscore", vec![]),
+            ("ewma_chart", vec![]),
+            ("cusum", vec![]),
+            ("spike_and_dip", vec![]),
+            ("change_point", vec![]),
+            ("anomaly_likelihood", vec![]),
+        ];
+        let xs: Vec<f64> = (0..900)
+            .map(|i| (i as f64 * 0.37).sin() * 10.0 + (i / 450) as f64 * 30.0)
+            .collect();
+        for (name, params) in calls {
+            let kind = Kind::from_call(name, params, vec![]).unwrap();
+            let mut a = kind.model(1);
+            for (t, x) in xs[..500].iter().enumerate() {
+                a.update(&kind, &[*x], t as i64);
+            }
+            let json = serde_json::to_string(&a).unwrap();
+            let mut b: Model = serde_json::from_str(&json).unwrap();
+            for (t, x) in xs[500..].iter().enumerate() {
+                assert_eq!(
+                    a.score(&kind, &[*x], t as i64),
+                    b.score(&kind, &[*x], t as i64),
+                    "{name}"
+                );
+                a.update(&kind, &[*x], t as i64);
+                b.update(&kind, &[*x], t as i64);
+            }
+        }
     }
 }
