@@ -163,6 +163,14 @@ impl InputFile {
                 Fill::Fixed(stem.clone())
             } else if let Some(i) = columns.iter().position(|c| c == name) {
                 let from = schema.field(i).data_type();
+                // Arrow would cast a cell of text into a one-element list: not what a
+                // recorded list means. Nested values come from Parquet.
+                if kind == Kind::Csv && f.data_type().is_nested() {
+                    bail!(
+                        "{shown}: column `{name}` is {}, which a CSV cell cannot hold; replay it from Parquet",
+                        f.data_type()
+                    );
+                }
                 if !can_cast_types(from, f.data_type()) {
                     bail!(
                         "{shown}: column `{name}` is {from}, which cannot be read as the source's {}",

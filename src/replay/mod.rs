@@ -469,7 +469,7 @@ fn progress_bar(show: bool, total: u64) -> indicatif::ProgressBar {
         indicatif::ProgressDrawTarget::stderr(),
     );
     if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {wide_bar} {percent:>3}% {msg}",
+        "{spinner} [{elapsed_precise}] {wide_bar} {percent:>3}% (eta {eta}) {msg}",
     ) {
         bar.set_style(style);
     }
