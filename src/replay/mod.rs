@@ -308,15 +308,15 @@ impl Replay {
             dead_letters: Output::Parquet(open(DEAD_LETTERS, dead_letter_schema())?),
             late_rows: Output::Parquet(open(LATE_ROWS, late_rows_schema())?),
         };
-        let src = &pipeline.sources[source];
-        let row_schema_check = src.row_schema.clone();
-        let src_name = src.spec.name.clone();
-        // The runner owns the pipeline; the source's definition is needed to build rows.
-        let src_def = crate::pipeline::compile::CompiledSource {
-            spec: src.spec.clone(),
-            payload_schema: src.payload_schema.clone(),
-            row_schema: row_schema_check,
-            event_time: src.event_time.clone(),
+        // The runner takes the pipeline; rows are built against a copy of the source.
+        let src = {
+            let s = &pipeline.sources[source];
+            crate::pipeline::compile::CompiledSource {
+                spec: s.spec.clone(),
+                payload_schema: s.payload_schema.clone(),
+                row_schema: s.row_schema.clone(),
+                event_time: s.event_time.clone(),
+            }
         };
         let mut runner = Runner::new(pipeline, outputs, metrics.clone());
 
@@ -329,7 +329,7 @@ impl Replay {
         for f in &files {
             let mut chunks = f.chunks(opts.batch_rows, read.clone())?;
             while let Some((chunk, first)) = chunks.next_chunk()? {
-                let (rows, dead, newest) = f.rows(&src_def, &chunk, first, now)?;
+                let (rows, dead, newest) = f.rows(&src, &chunk, first, now)?;
                 if !dead.is_empty() {
                     dead_done += dead.len() as u64;
                     runner.dead_letters(dead);
@@ -352,7 +352,7 @@ impl Replay {
                     rows_done as f64 / secs
                 ));
             }
-            tracing::debug!(file = %f.path.display(), source = src_name, "replayed");
+            tracing::debug!(file = %f.path.display(), source = src.spec.name, "replayed");
         }
         // The end of the recording: every open window closes, as at a drained stop.
         runner.finish().await;
