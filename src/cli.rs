@@ -1,4 +1,4 @@
-//! The `fleetsql` command line: `run`, `check` and `explain`.
+//! The `fleetsql` command line: `run`, `replay`, `check` and `explain`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -22,6 +22,10 @@ pub enum Command {
     /// Run pipelines: subscribe to their sources, evaluate their queries, send commands and
     /// write Parquet. SIGINT/SIGTERM flush every open window and file, then exit 0.
     Run(RunArgs),
+    /// Run pipelines over recorded files (CSV, Parquet) in event time, as fast as the
+    /// machine allows: the same tables as `run`, and the commands it would have sent in
+    /// a table per MQTT sink. Same input, same output.
+    Replay(ReplayArgs),
     /// Check pipeline files without running them; errors name file, line and column.
     Check {
         #[arg(required = true)]
@@ -100,6 +104,64 @@ pub struct RunArgs {
     /// running pipeline stays.
     #[arg(long)]
     pub watch: bool,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ReplayArgs {
+    /// Pipeline files (SQL); several files form one pipeline.
+    #[arg(required = true)]
+    pub pipelines: Vec<PathBuf>,
+    /// Recorded files, `.csv` (with a header row) or `.parquet`, replayed in this order,
+    /// each in file order.
+    #[arg(long = "input", required = true, num_args = 1.., value_name = "FILE")]
+    pub inputs: Vec<PathBuf>,
+    /// The source the files feed (default: the pipeline's only source).
+    #[arg(long)]
+    pub source: Option<String>,
+    /// Where the tables are written, as `run` writes them (same default). Their folders
+    /// must hold no Parquet files yet.
+    #[arg(long, default_value = "./data")]
+    pub data_dir: PathBuf,
+    /// Fill a column of the source with one value on every row, e.g. --set device_id=pump-7.
+    #[arg(long, value_name = "COLUMN=VALUE", value_parser = crate::replay::pair)]
+    pub set: Vec<(String, String)>,
+    /// Read a file column as a column of the source, e.g. --map value=vibration.
+    #[arg(long, value_name = "FILE_COLUMN=COLUMN", value_parser = crate::replay::pair)]
+    pub map: Vec<(String, String)>,
+    /// Fill a column (typically device_id) with each input file's name without extension:
+    /// one recorded file per device.
+    #[arg(long, value_name = "COLUMN")]
+    pub key_from_file: Option<String>,
+    /// The files' time column when the source declares no event_time field (default:
+    /// `timestamp`, else `event_time`): timestamp text, timestamps or epoch s/ms.
+    #[arg(long, value_name = "COLUMN")]
+    pub time_column: Option<String>,
+    /// Rows handed to the pipeline at a time.
+    #[arg(long, default_value_t = 8192, value_name = "N")]
+    pub batch_rows: usize,
+    /// Also write every sink table (Parquet sinks and command tables) as <data-dir>/<table>.csv.
+    #[arg(long)]
+    pub csv: bool,
+    /// No progress bar (it is only drawn when stderr is a terminal anyway).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+impl ReplayArgs {
+    pub fn options(&self) -> crate::replay::ReplayOptions {
+        crate::replay::ReplayOptions {
+            inputs: self.inputs.clone(),
+            source: self.source.clone(),
+            data_dir: self.data_dir.clone(),
+            set: self.set.clone(),
+            map: self.map.clone(),
+            key_from_file: self.key_from_file.clone(),
+            time_column: self.time_column.clone(),
+            batch_rows: self.batch_rows,
+            csv: self.csv,
+            progress: !self.quiet,
+        }
+    }
 }
 
 impl RunArgs {
@@ -199,6 +261,34 @@ pub fn main() -> i32 {
                     1
                 }
             },
+            Command::Replay(args) => {
+                let pipeline = match crate::pipeline::load(&args.pipelines).await {
+                    Ok(p) => p,
+                    Err(d) => {
+                        eprintln!("{d}");
+                        return 2;
+                    }
+                };
+                // Refused before a row is written (files, columns, options): exit 2, as
+                // for a bad pipeline; a failure while replaying: exit 1.
+                let replay = match crate::replay::Replay::prepare(pipeline, args.options()) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        return 2;
+                    }
+                };
+                match replay.run().await {
+                    Ok(summary) => {
+                        eprintln!("{summary}");
+                        0
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        1
+                    }
+                }
+            }
             Command::Run(args) => {
                 let pipeline = match crate::pipeline::load(&args.pipelines).await {
                     Ok(p) => p,

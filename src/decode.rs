@@ -386,8 +386,34 @@ fn event_times(
     col: &ArrayRef,
     received: &TimestampMillisecondArray,
 ) -> Result<(ArrayRef, Vec<usize>), ArrowError> {
+    let ms = event_time_ms(col)?;
+    let mut invalid = Vec::new();
+    let mut out = Vec::with_capacity(ms.len());
+    for i in 0..ms.len() {
+        if ms.is_valid(i) {
+            out.push(ms.value(i));
+        } else {
+            if col.is_valid(i) {
+                invalid.push(i);
+            }
+            out.push(received.value(i));
+        }
+    }
+    Ok((
+        Arc::new(TimestampMillisecondArray::from(out).with_timezone(crate::time::TZ)),
+        invalid,
+    ))
+}
+
+/// A column of event times as epoch milliseconds, by the rules of an event-time field:
+/// timestamps (any unit or zone) and timestamp text (RFC 3339, `2014-04-01 00:00:00`) by
+/// Arrow's cast; numbers as epoch seconds or milliseconds, told apart by size. A value that
+/// is not a time becomes null, like a null value: callers tell the two apart by `col`'s
+/// own nulls. `fleetsql replay` converts recorded times with it too, so a value in a file
+/// means the same time as in a live payload.
+pub fn event_time_ms(col: &ArrayRef) -> Result<TimestampMillisecondArray, ArrowError> {
     let target = ts_type();
-    let ms: TimestampMillisecondArray = match col.data_type() {
+    Ok(match col.data_type() {
         DataType::Timestamp(_, _) | DataType::Utf8 | DataType::Utf8View | DataType::LargeUtf8 => {
             let options = datafusion::arrow::compute::CastOptions {
                 safe: true,
@@ -423,21 +449,5 @@ fn event_times(
                 .collect()
         }
         other => return Err(ArrowError::CastError(format!("event time of type {other}"))),
-    };
-    let mut invalid = Vec::new();
-    let mut out = Vec::with_capacity(ms.len());
-    for i in 0..ms.len() {
-        if ms.is_valid(i) {
-            out.push(ms.value(i));
-        } else {
-            if col.is_valid(i) {
-                invalid.push(i);
-            }
-            out.push(received.value(i));
-        }
-    }
-    Ok((
-        Arc::new(TimestampMillisecondArray::from(out).with_timezone(crate::time::TZ)),
-        invalid,
-    ))
+    })
 }

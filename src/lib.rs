@@ -18,6 +18,7 @@
 //! pipeline         the SQL file: parsed with sqlparser, rewritten (windows, frames), checked
 //!                  and compiled with DataFusion; reference tables
 //! functions        engine SQL functions whose state spans windows
+//! replay           `fleetsql replay`: the runner over recorded CSV/Parquet files, in event time
 //! simulate         simulated devices for zero-setup runs and tests
 //! bench            load generators and measurements behind `benches/`
 //! mem              resident memory, and returning freed memory to the system
@@ -36,6 +37,7 @@ pub mod mem;
 pub mod metrics;
 pub mod mqtt;
 pub mod pipeline;
+pub mod replay;
 pub mod simulate;
 pub mod sink;
 pub mod time;

@@ -15,5 +15,6 @@ mod examples;
 mod golden;
 mod pipeline;
 mod reload;
+mod replay;
 mod util;
 mod window;
