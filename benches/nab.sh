@@ -62,8 +62,8 @@ for f in $files; do
         --set device_id="$name" --data-dir "$out" --csv --quiet 2>"$work/log" ||
         { cat "$work/log" >&2; exit 1; }
     cp "$out/scores.csv" "$results/$f"
-    rows_in=$(($(wc -l <"$nab/data/$f") - 1))
-    rows_out=$(($(wc -l <"$results/$f") - 1))
+    rows_in=$(($(awk 'END { print NR }' "$nab/data/$f") - 1))
+    rows_out=$(($(awk 'END { print NR }' "$results/$f") - 1))
     if [ "$rows_in" != "$rows_out" ]; then
         echo "nab.sh: $f has $rows_in rows but $rows_out scores" >&2
         exit 1
@@ -84,7 +84,7 @@ if [ "$throughput" -gt 0 ]; then
             link="$work/copies/c${copy}_$(echo "$f" | tr '/' '_')"
             ln -s "$nab/data/$f" "$link"
             inputs+=(--input "$link")
-            total=$((total + $(wc -l <"$nab/data/$f") - 1))
+            total=$((total + $(awk 'END { print NR }' "$nab/data/$f") - 1))
         done
         copy=$((copy + 1))
     done

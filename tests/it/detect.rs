@@ -538,3 +538,68 @@ fn detector_errors_point_at_the_call() {
         );
     }
 }
+
+/// DataFusion evaluates an expression more than once over one batch (`coalesce` becomes a
+/// CASE naming it twice; WHERE and the SELECT list each call it): a batch holding many
+/// readings of a key must get the same scores however often it is evaluated.
+#[test]
+fn evaluating_a_batch_twice_gives_the_same_scores() {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("v", DataType::Float64, false),
+        Field::new("t", DataType::Int64, false),
+        Field::new("k", DataType::Utf8, false),
+    ]));
+    let n = 300;
+    let batch = RecordBatch::try_new(
+        schema.clone(),
+        vec![
+            Arc::new(
+                (0..n)
+                    .map(|i| ((i * 7) % 11) as f64 + if i == 250 { 50.0 } else { 0.0 })
+                    .collect::<Float64Array>(),
+            ),
+            Arc::new((0..n).map(|i| i as i64 / 2).collect::<Int64Array>()),
+            Arc::new(
+                (0..n)
+                    .map(|i| Some(if i % 3 == 0 { "a" } else { "b" }))
+                    .collect::<StringArray>(),
+            ),
+        ],
+    )
+    .unwrap();
+    let scores = |sql: &str| -> Vec<Option<f64>> {
+        let ctx = SessionContext::new();
+        let kind = Kind::from_call("zscore", vec![Param::Number(20.0)], vec![]).unwrap();
+        ctx.register_udf(ScalarUDF::new_from_impl(Detect::new("__z", kind, 1)));
+        let table = MemTable::try_new(schema.clone(), vec![vec![batch.clone()]]).unwrap();
+        ctx.register_table("x", Arc::new(table)).unwrap();
+        let out =
+            runtime().block_on(async { ctx.sql(sql).await.unwrap().collect().await.unwrap() });
+        out.iter()
+            .flat_map(|b| {
+                let s = b.column(0).as_primitive::<Float64Type>();
+                (0..b.num_rows())
+                    .map(|i| s.is_valid(i).then(|| s.value(i)))
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    };
+    let once = scores("SELECT __z(v, t, k)['score'] FROM x");
+    assert_eq!(once.len(), n);
+    assert!(once.iter().filter(|s| s.is_some()).count() > 200);
+    let twice = scores("SELECT coalesce(__z(v, t, k)['score'], -1.0) FROM x");
+    let expected: Vec<Option<f64>> = once.iter().map(|s| Some(s.unwrap_or(-1.0))).collect();
+    assert_eq!(twice, expected, "coalesce evaluates the detector twice");
+    // WHERE learns the batch, then the SELECT list scores the rows that passed.
+    let filtered = scores("SELECT __z(v, t, k)['score'] FROM x WHERE __z(v, t, k)['score'] > 0.5");
+    let expected: Vec<Option<f64>> = once
+        .iter()
+        .filter(|s| s.is_some_and(|s| s > 0.5))
+        .copied()
+        .collect();
+    assert!(!expected.is_empty());
+    assert_eq!(
+        filtered, expected,
+        "WHERE and the SELECT list see the same scores"
+    );
+}

@@ -159,6 +159,20 @@ struct State {
     converter: Option<RowConverter>,
     calls: u64,
     newest: i64,
+    /// What the previous call answered, row by row in the order it scored them.
+    memo: Vec<Memo>,
+}
+
+/// One answered row: DataFusion may evaluate an expression again over the same rows (a
+/// `coalesce` becomes a CASE that names it twice; WHERE and the SELECT list each call it),
+/// and the rows before a key's newest time must then get the answers they got, not be
+/// scored again against a history that has moved on.
+#[derive(Clone, Copy)]
+struct Memo {
+    key: u64,
+    t: i64,
+    bits: u64,
+    verdict: Option<Verdict>,
 }
 
 impl std::fmt::Debug for State {
@@ -282,6 +296,13 @@ impl ScalarUDFImpl for Detect {
         order.sort_by_key(|i| times.value(*i));
         let mut out: Vec<Option<Verdict>> = vec![None; n];
         let mut x = vec![0.0; d];
+        // A re-evaluation presents rows the previous call answered, in the same order (or
+        // a subset of them): matched with a cursor that only moves forward. The first row
+        // not found there shows the call is new rows.
+        let previous = std::mem::take(&mut st.memo);
+        let mut cursor = 0;
+        let mut replaying = true;
+        let mut memo = Vec::with_capacity(n);
         for i in order {
             let t = times.value(i);
             st.newest = st.newest.max(t);
@@ -298,6 +319,32 @@ impl ScalarUDFImpl for Detect {
                 Some(r) => r.row(i).data(),
                 None => &[],
             };
+            let bits = x.iter().fold(0u64, |h, v| h.rotate_left(17) ^ v.to_bits());
+            let key_hash = {
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                key.hash(&mut h);
+                h.finish()
+            };
+            let known = st
+                .series
+                .get(key)
+                .and_then(|s| s.newest)
+                .is_some_and(|newest| t <= newest);
+            if replaying && known {
+                let found = previous[cursor..]
+                    .iter()
+                    .position(|m| m.key == key_hash && m.t == t && m.bits == bits);
+                match found {
+                    Some(j) => {
+                        let m = previous[cursor + j];
+                        cursor += j + 1;
+                        out[i] = m.verdict;
+                        memo.push(m);
+                        continue;
+                    }
+                    None => replaying = false,
+                }
+            }
             let s = match st.series.get_mut(key) {
                 Some(s) => s,
                 None => st.series.entry(key.into()).or_insert_with(|| Series {
@@ -345,7 +392,14 @@ impl ScalarUDFImpl for Detect {
                 }
             }
             out[i] = s.model.score(&self.kind, &x, t);
+            memo.push(Memo {
+                key: key_hash,
+                t,
+                bits,
+                verdict: out[i],
+            });
         }
+        st.memo = memo;
 
         if call % 64 == 0 {
             let horizon = st.newest.saturating_sub(FORGET_AFTER_MS);
