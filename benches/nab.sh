@@ -18,6 +18,8 @@
 #   FLEETSQL_BIN    the fleetsql binary (default: built here with `cargo build --release`)
 #   NAB_SCORER      the scorer (default ../shared/tools/nab_score.py); NAB_SCORE=0 skips scoring
 #   NAB_THROUGHPUT  readings for the throughput run (default 1000000; 0 skips it)
+#   NAB_PIPELINE    another pipeline to score (default pipelines/nab.sql): same source and
+#                   `scores` table, e.g. to compare detectors
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,6 +27,7 @@ nab=${1:-${FLEETSQL_NAB_DIR:-$root/../shared/data/nab}}
 results=${2:-$root/target/nab-results}
 scorer=${NAB_SCORER:-$root/../shared/tools/nab_score.py}
 throughput=${NAB_THROUGHPUT:-1000000}
+pipeline=${NAB_PIPELINE:-$root/pipelines/nab.sql}
 
 if [ ! -d "$nab/data" ] || [ ! -f "$nab/labels/combined_windows.json" ]; then
     echo "nab.sh: $nab is not shaped like NAB (data/ and labels/combined_windows.json)." >&2
@@ -58,7 +61,7 @@ for f in $files; do
     out="$work/runs/${f%.csv}"
     mkdir -p "$(dirname "$out")" "$results/$(dirname "$f")"
     name=$(basename "$f" .csv)
-    "$FLEETSQL_BIN" replay "$root/pipelines/nab.sql" --input "$nab/data/$f" \
+    "$FLEETSQL_BIN" replay "$pipeline" --input "$nab/data/$f" \
         --set device_id="$name" --data-dir "$out" --csv --quiet 2>"$work/log" ||
         { cat "$work/log" >&2; exit 1; }
     cp "$out/scores.csv" "$results/$f"
@@ -88,7 +91,7 @@ if [ "$throughput" -gt 0 ]; then
         done
         copy=$((copy + 1))
     done
-    "$FLEETSQL_BIN" replay "$root/pipelines/nab.sql" "${inputs[@]}" \
+    "$FLEETSQL_BIN" replay "$pipeline" "${inputs[@]}" \
         --key-from-file device_id --data-dir "$work/throughput" --quiet 2>"$work/log" ||
         { cat "$work/log" >&2; exit 1; }
     echo "throughput: $(grep '^replayed' "$work/log")"
