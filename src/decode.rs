@@ -11,7 +11,7 @@ use bytes::Bytes;
 use datafusion::arrow::array::{
     Array, ArrayRef, BooleanArray, Float64Array, StringBuilder, TimestampMillisecondArray,
 };
-use datafusion::arrow::compute::{cast, filter_record_batch};
+use datafusion::arrow::compute::{cast, concat_batches, filter_record_batch};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::arrow::error::ArrowError;
 use datafusion::arrow::json::ReaderBuilder;
@@ -299,7 +299,11 @@ fn build_decoder(schema: &SchemaRef) -> Result<Decoder, ArrowError> {
 
 /// A payload is one JSON object (one row) or an array of objects (one row each: a device
 /// uploading buffered readings); returns the rows it added to the decoder.
-fn feed(decoder: &mut Decoder, payload: &[u8]) -> Result<usize, (&'static str, String)> {
+fn feed(
+    decoder: &mut Decoder,
+    payload: &[u8],
+    full: &mut Vec<RecordBatch>,
+) -> Result<usize, (&'static str, String)> {
     let first = payload.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
         // Arrays are the backfill path, not the hot one: parse, then hand each element to
@@ -317,16 +321,29 @@ fn feed(decoder: &mut Decoder, payload: &[u8]) -> Result<usize, (&'static str, S
             bytes.clear();
             serde_json::to_writer(&mut bytes, item)
                 .map_err(|e| (reason::INVALID_JSON, e.to_string()))?;
-            feed_object(decoder, &bytes)?;
+            feed_object(decoder, &bytes, full)?;
         }
         return Ok(items.len());
     }
-    feed_object(decoder, payload)?;
+    feed_object(decoder, payload, full)?;
     Ok(1)
 }
 
-/// Feeds one payload that must be exactly one complete JSON object.
-fn feed_object(decoder: &mut Decoder, payload: &[u8]) -> Result<(), (&'static str, String)> {
+/// Feeds one payload that must be exactly one complete JSON object. A decoder holding a
+/// full batch takes no more input: its rows go to `full` first (JSON arrays can put more
+/// rows in one flush than the batch size).
+fn feed_object(
+    decoder: &mut Decoder,
+    payload: &[u8],
+    full: &mut Vec<RecordBatch>,
+) -> Result<(), (&'static str, String)> {
+    if decoder.len() >= MAX_BUFFERED_ROWS {
+        match decoder.flush() {
+            Ok(Some(b)) => full.push(b),
+            Ok(None) => {}
+            Err(e) => return Err((reason::SCHEMA_MISMATCH, e.to_string())),
+        }
+    }
     let before = decoder.len();
     decoder
         .decode(payload)
@@ -354,27 +371,37 @@ fn decode_all(
     msgs: &[Message],
 ) -> Result<(RecordBatch, Vec<usize>), (&'static str, String)> {
     let mut counts = Vec::with_capacity(msgs.len());
+    let mut full = Vec::new();
     for m in msgs {
-        counts.push(feed(decoder, &m.payload)?);
+        counts.push(feed(decoder, &m.payload, &mut full)?);
     }
     match decoder.flush() {
-        Ok(Some(b)) => Ok((b, counts)),
+        Ok(Some(b)) if full.is_empty() => Ok((b, counts)),
         // Only empty arrays: no rows, nothing wrong.
-        Ok(None) if counts.iter().all(|c| *c == 0) => {
+        Ok(None) if full.is_empty() && counts.iter().all(|c| *c == 0) => {
             Ok((RecordBatch::new_empty(schema.clone()), counts))
         }
-        Ok(None) => Err((reason::NOT_ONE_OBJECT, "nothing decoded".into())),
+        Ok(None) if full.is_empty() => Err((reason::NOT_ONE_OBJECT, "nothing decoded".into())),
+        Ok(last) => {
+            full.extend(last);
+            match concat_batches(&full[0].schema(), &full) {
+                Ok(b) => Ok((b, counts)),
+                Err(e) => Err((reason::SCHEMA_MISMATCH, e.to_string())),
+            }
+        }
         Err(e) => Err((reason::SCHEMA_MISMATCH, e.to_string())),
     }
 }
 
 fn decode_one(schema: &SchemaRef, payload: &[u8]) -> Result<(), (&'static str, String)> {
     let mut d = build_decoder(schema).map_err(|e| (reason::SCHEMA_MISMATCH, e.to_string()))?;
-    if feed(&mut d, payload)? == 0 {
+    let mut full = Vec::new();
+    if feed(&mut d, payload, &mut full)? == 0 {
         return Ok(());
     }
     match d.flush() {
         Ok(Some(_)) => Ok(()),
+        Ok(None) if !full.is_empty() => Ok(()),
         Ok(None) => Err((reason::NOT_ONE_OBJECT, "nothing decoded".into())),
         Err(e) => Err((reason::SCHEMA_MISMATCH, e.to_string())),
     }

@@ -187,3 +187,50 @@ fn duplicates_are_dropped_and_counted() {
         );
     });
 }
+
+/// More rows in one flush than the Arrow decoder's batch size (devices uploading buffered
+/// readings as JSON arrays, or more single messages than a buffer usually holds): every
+/// row comes out, in order, and none is a dead letter.
+#[test]
+fn a_flush_larger_than_the_decoder_batch_keeps_every_row() {
+    let mut d = SourceDecoder::new(shape("light DOUBLE NOT NULL", "")).unwrap();
+    let max = fleetsql::decode::MAX_BUFFERED_ROWS;
+    // 100 arrays of 100 readings, then single messages past the batch size.
+    let mut expected = Vec::new();
+    for m in 0..100 {
+        let items: Vec<String> = (0..100)
+            .map(|k| {
+                expected.push((m * 100 + k) as f64);
+                format!("{{\"light\": {}}}", m * 100 + k)
+            })
+            .collect();
+        d.push(msg(
+            "site/north/dev-1/t",
+            &format!("[{}]", items.join(",")),
+            1_000,
+        ));
+    }
+    for i in 0..max + 10 {
+        expected.push(i as f64);
+        d.push(msg(
+            "site/north/dev-2/t",
+            &format!("{{\"light\": {i}}}"),
+            2_000,
+        ));
+    }
+    let (batch, dead) = d.flush();
+    assert!(
+        dead.is_empty(),
+        "dead letters: {:?}",
+        dead.first().map(|d| &d.error)
+    );
+    let batch = batch.expect("rows");
+    let light = batch
+        .column_by_name("light")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap();
+    assert_eq!(light.len(), expected.len());
+    assert_eq!(light.values().to_vec(), expected);
+}
