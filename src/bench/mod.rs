@@ -1,8 +1,14 @@
 //! Load generators and measurements behind `benches/`. They live in the library so that the
 //! test suite can run each of them in a small smoke mode (that they work, not how fast),
 //! while `cargo bench` runs them at full size in release mode.
+//!
+//! - [`fleet`]: the whole engine in process with a large fleet (`cargo bench --bench fleet`):
+//!   memory per device, window close to results, every row stored;
+//! - [`micro`]: the hot path one stage at a time, decoding, the device-actor hop, window
+//!   close, the window query and the Parquet sink (`cargo bench --bench micro`, criterion).
 
 pub mod fleet;
+pub mod micro;
 
 /// Rows in a Parquet table written by the engine (all its partitions), read back with
 /// DataFusion as a user would.

@@ -35,3 +35,58 @@ fn fleet_benchmark_smoke() {
     assert_eq!(report.window_close.len(), 3, "each 1-second window closed");
     assert!(report.rss_peak >= report.rss_baseline && report.rss_baseline > 0);
 }
+
+/// Each micro-benchmark body (benches/micro.rs) once at a tiny size: every reading comes
+/// out of each stage, as a row or in a count.
+#[test]
+fn micro_benchmarks_smoke() {
+    use fleetsql::bench::micro::{self, Payload};
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        // Past the decoder's batch size too: the body flushes as a shard buffer does.
+        for n in [100, fleetsql::decode::MAX_BUFFERED_ROWS + 10] {
+            for payload in [Payload::Light, Payload::Climate] {
+                let mut b = micro::Decode::new(payload, n).await.unwrap();
+                assert_eq!(micro::once(&mut b).await.unwrap(), n, "{payload:?} decoded");
+                assert_eq!(micro::once(&mut b).await.unwrap(), n, "decoder reused");
+            }
+        }
+
+        let mut b = micro::ActorHop::new(200).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                micro::once(&mut b).await.unwrap(),
+                200,
+                "rows on the engine channel"
+            );
+        }
+        drop(b);
+
+        let mut b = micro::WindowClose::new(100).await.unwrap();
+        assert_eq!(
+            micro::once(&mut b).await.unwrap(),
+            100,
+            "rows in the closed window"
+        );
+
+        let mut b = micro::Query::new(100).await.unwrap();
+        for _ in 0..2 {
+            let out = micro::once(&mut b).await.unwrap();
+            assert_eq!(
+                micro::summary_counts(&out).unwrap(),
+                (micro::devices_for(100), 100),
+                "one row per device, counting every reading (the slot refilled each run)"
+            );
+        }
+
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = micro::ParquetWrite::new(100, dir.path()).await.unwrap();
+        for _ in 0..2 {
+            assert_eq!(
+                micro::once(&mut b).await.unwrap(),
+                100,
+                "rows in the Parquet file"
+            );
+        }
+    });
+}
