@@ -54,6 +54,12 @@ pub struct ShardBuffer {
     changes: Vec<Change>,
     /// Bytes on their way to the runner: the topic router pauses while it is full.
     backlog: Arc<Backlog>,
+    /// Readings routed to device actors and not yet pushed here. When the last one
+    /// arrives, everything routed so far is here: flush then, so a reading waits for its
+    /// batch's turn through the actors, not for the flush interval. Flushing only whole
+    /// batches keeps the shards in step: a flush of part of a burst would carry event
+    /// times that move the watermark past readings still in other device mailboxes.
+    in_flight: usize,
 }
 
 /// Where presence changes go, after how long a silent device is offline, and what its
@@ -95,16 +101,25 @@ impl ShardBuffer {
             max_rows,
             changes: Vec::new(),
             backlog,
+            in_flight: 0,
         })
     }
 
     pub fn push(&mut self, source: usize, msg: Msg) {
+        self.in_flight = self.in_flight.saturating_sub(1);
         let Some(d) = self.decoders.get_mut(source) else {
             return;
         };
         d.push(msg);
         if d.len() >= self.max_rows {
             self.flush_source(source);
+        }
+        if self.in_flight == 0 {
+            for i in 0..self.decoders.len() {
+                if !self.decoders[i].is_empty() {
+                    self.flush_source(i);
+                }
+            }
         }
     }
 
@@ -299,6 +314,11 @@ impl Handler<Ingest> for ShardRouter {
         let mut changes = Vec::new();
         let mut dead = Vec::new();
         let tracked = self.presence.is_some();
+        // Every source reading goes to its device actor below.
+        self.buffer.borrow_mut().in_flight += readings
+            .iter()
+            .filter(|r| matches!(r.kind, Kind::Source(_)))
+            .count();
         for r in readings {
             let at = r.msg.received_at;
             let signal = match r.kind {
@@ -351,7 +371,12 @@ impl Handler<FlushNow> for ShardRouter {
                 futures::future::join_all(syncs).await;
             }
             .into_actor(self)
-            .map(|_, act, _| act.buffer.borrow_mut().flush_all(act.presence.as_ref())),
+            .map(|_, act, _| {
+                let mut buffer = act.buffer.borrow_mut();
+                // Every device has answered: nothing routed is still on its way.
+                buffer.in_flight = 0;
+                buffer.flush_all(act.presence.as_ref())
+            }),
         )
     }
 }

@@ -105,6 +105,11 @@ impl Wal {
         }
     }
 
+    /// Whether an append waits for the disk (`fsync`), and so belongs on a blocking thread.
+    pub fn blocks(&self) -> bool {
+        self.fsync == Fsync::Always
+    }
+
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }

@@ -254,6 +254,7 @@ pub async fn run_with(
             open_sink: Box::new(open_sink),
         })
         .with_backlog(backlog.clone())
+        .closing_a_tick_late()
         .with_checkpoints(cfg.data_dir.clone(), recovery.checkpoint);
     let runner = tokio::spawn(runner.run(rx));
     let reloads = tokio::spawn(reload_triggers(

@@ -273,6 +273,9 @@ pub struct Runner {
     /// Per stream: (query, window input) pairs windowing it.
     windowed: Vec<Vec<(usize, usize)>>,
     last_reference_check: i64,
+    /// Per window query, the watermark at the previous tick, when windows close a tick
+    /// late (see [`Runner::closing_a_tick_late`]); empty otherwise.
+    previous_watermark: Option<Vec<i64>>,
     reload: Option<ReloadContext>,
     /// Per source: duplicate detection, when the source declares a sequence field.
     dedupe: Vec<Option<Dedupe>>,
@@ -313,6 +316,7 @@ impl Runner {
             micro: vec![],
             windowed: vec![],
             last_reference_check: i64::MIN,
+            previous_watermark: None,
             reload: None,
             backlog: None,
             durable: None,
@@ -320,6 +324,16 @@ impl Runner {
         };
         r.index_readers();
         r
+    }
+
+    /// Closes each window one tick (50 ms) after its watermark passed it, not at once.
+    /// The shards hand rows on independently: after a burst (a restart's replay, the
+    /// broker's backlog after an outage), one shard's rows can reach the runner and move
+    /// the watermark a few milliseconds before another shard's rows of the same moment,
+    /// which would then find their window closed. A tick's grace lets them land.
+    pub fn closing_a_tick_late(mut self) -> Runner {
+        self.previous_watermark = Some(Vec::new());
+        self
     }
 
     /// Reports the rows it takes from the channel to the backlog that bounds them.
@@ -989,6 +1003,13 @@ impl Runner {
                 .map(|i| self.clocks[self.pipeline.streams[i.stream].root].watermark(now))
                 .min()
                 .unwrap_or(i64::MIN);
+            let wm = match self.previous_watermark.as_mut() {
+                Some(previous) => {
+                    previous.resize(self.windows.len(), i64::MIN);
+                    std::mem::replace(&mut previous[qi], wm).min(wm)
+                }
+                None => wm,
+            };
             let closed = match self.windows[qi].as_mut() {
                 Some(state) => state.close_until(wm),
                 None => continue,
