@@ -60,7 +60,7 @@ fn decode(c: &mut Criterion) {
     for payload in [Payload::Light, Payload::Climate] {
         for n in [1_000, 10_000] {
             let mut body = rt.block_on(micro::Decode::new(payload, n)).expect("setup");
-            let id = BenchmarkId::new(payload.source(), n);
+            let id = BenchmarkId::new(micro::source(payload), n);
             bench(&mut g, &rt, id, n, &mut body);
         }
     }

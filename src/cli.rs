@@ -1,4 +1,4 @@
-//! The `fleetsql` command line: `run`, `replay`, `check` and `explain`.
+//! The `fleetsql` command line: `run`, `replay`, `check`, `explain` and `bench`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -36,6 +36,10 @@ pub enum Command {
         #[arg(required = true)]
         pipelines: Vec<PathBuf>,
     },
+    /// Benchmarks against a real broker: a load generator, the broker's own limits, and
+    /// the engine under the same load (see docs/benchmarks.md).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -261,6 +265,7 @@ pub fn main() -> i32 {
                     1
                 }
             },
+            Command::Bench(cmd) => crate::bench::main(cmd).await,
             Command::Replay(args) => {
                 let pipeline = match crate::pipeline::load(&args.pipelines).await {
                     Ok(p) => p,
@@ -317,7 +322,7 @@ pub fn main() -> i32 {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -103,32 +103,13 @@ pub async fn pipeline() -> anyhow::Result<CompiledPipeline> {
         .map_err(|d| anyhow::anyhow!("{d}"))
 }
 
-/// What a reading holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Payload {
-    /// `{"light": 412}`, source `light`.
-    Light,
-    /// `{"temperature": 37, "humidity": 55}`, source `climate`.
-    Climate,
-}
+pub use super::load::Payload;
 
-impl Payload {
-    pub fn source(self) -> &'static str {
-        match self {
-            Payload::Light => "light",
-            Payload::Climate => "climate",
-        }
-    }
-
-    fn json(self, i: usize) -> String {
-        match self {
-            Payload::Light => format!("{{\"light\": {}}}", 300 + i % 200),
-            Payload::Climate => format!(
-                "{{\"temperature\": {}, \"humidity\": {}}}",
-                20 + i % 20,
-                40 + i % 30
-            ),
-        }
+/// The source table a payload's readings go to in this module's pipeline.
+pub fn source(payload: Payload) -> &'static str {
+    match payload {
+        Payload::Light => "light",
+        Payload::Climate => "climate",
     }
 }
 
@@ -142,13 +123,17 @@ pub fn devices_for(n: usize) -> usize {
 pub fn messages(payload: Payload, n: usize) -> Vec<Message> {
     let devices = devices_for(n);
     let topics: Vec<String> = (0..devices)
-        .map(|d| format!("fleet/dev-{d:05}/{}", payload.source()))
+        .map(|d| format!("fleet/dev-{d:05}/{}", source(payload)))
         .collect();
+    let mut buf = Vec::new();
     (0..n)
-        .map(|i| Message {
-            topic: topics[i % devices].clone(),
-            payload: Bytes::from(payload.json(i)),
-            received_at: WINDOW_START + (i as i64 * WINDOW_MS) / n as i64,
+        .map(|i| {
+            payload.reading(i % devices, i / devices, &mut buf);
+            Message {
+                topic: topics[i % devices].clone(),
+                payload: Bytes::copy_from_slice(&buf),
+                received_at: WINDOW_START + (i as i64 * WINDOW_MS) / n as i64,
+            }
         })
         .collect()
 }
@@ -192,7 +177,7 @@ fn decode_into(
 /// row schema.
 async fn rows(payload: Payload, n: usize, batch_rows: usize) -> anyhow::Result<Vec<RecordBatch>> {
     let p = pipeline().await?;
-    let mut decoder = SourceDecoder::new(shape(&p, payload.source())?)?;
+    let mut decoder = SourceDecoder::new(shape(&p, source(payload))?)?;
     let mut out = Vec::new();
     decode_into(&mut decoder, messages(payload, n), batch_rows, &mut out)?;
     Ok(out)
@@ -213,7 +198,7 @@ impl Decode {
     pub async fn new(payload: Payload, n: usize) -> anyhow::Result<Decode> {
         let p = pipeline().await?;
         Ok(Decode {
-            decoder: SourceDecoder::new(shape(&p, payload.source())?)?,
+            decoder: SourceDecoder::new(shape(&p, source(payload))?)?,
             msgs: messages(payload, n),
         })
     }

@@ -90,3 +90,87 @@ fn micro_benchmarks_smoke() {
         }
     });
 }
+
+/// `fleetsql bench` in smoke mode: every broker scenario against a real mosquitto with
+/// the engine as a child process, and the in-process core path. Each checks zero loss
+/// itself (commands received, rows counted in Parquet) and fails otherwise; here the
+/// limits it measures beside the engine are checked to be there and complete.
+#[test]
+fn bench_scenarios_smoke() {
+    use fleetsql::bench::scenario::{self, Scenario};
+    if !crate::util::have("mosquitto", "bench_scenarios_smoke") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for (s, messages, devices, rate) in [
+        (Scenario::Filter, 2_000, 20, None),
+        (Scenario::Aggregate, 2_000, 200, None),
+        (Scenario::Nightlight, 1_000, 10, None),
+        (Scenario::Latency, 500, 10, Some(500.0)),
+    ] {
+        let args = fleetsql::bench::BenchArgs {
+            messages: Some(messages),
+            devices: Some(devices),
+            rate,
+            seconds: 1,
+            qos: 1,
+            connections: 2,
+            sut_cmd: None,
+            engine_args: vec!["--fsync=off".into()],
+            no_limits: false,
+            timeout: 60,
+        };
+        let report = rt
+            .block_on(scenario::run(args.options(s)))
+            .unwrap_or_else(|e| panic!("{s:?}: {e:#}"));
+        println!("{}", report.markdown());
+        assert_eq!(report.sut.load.sent, messages, "{s:?}: readings sent");
+        let limit = report
+            .limit()
+            .unwrap_or_else(|| panic!("{s:?}: no limit measured"));
+        assert_eq!(
+            limit.load.received, messages,
+            "{s:?}: the limit's run is complete"
+        );
+        assert!(report.ratio().is_some_and(|r| r > 0.0), "{s:?}: ratio");
+        if s == Scenario::Nightlight || s == Scenario::Latency {
+            assert_eq!(
+                report.sut.load.received, messages,
+                "{s:?}: a command per reading"
+            );
+            assert_eq!(
+                report.sut.load.latencies_us.len(),
+                messages as usize,
+                "{s:?}: a latency per reading"
+            );
+        }
+        assert!(
+            report
+                .sut
+                .check
+                .contains(&format!("raw rows {messages}/{messages}")),
+            "{s:?}: {}",
+            report.sut.check
+        );
+        assert!(report.sut.cpu_per_msg.is_some_and(|c| c > Duration::ZERO));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let core = rt
+        .block_on(fleetsql::bench::core::run(
+            fleetsql::bench::core::CoreOptions {
+                devices: 100,
+                messages: 20_000,
+                shards: 2,
+                data_dir: dir.path().to_path_buf(),
+            },
+        ))
+        .unwrap();
+    println!("{}", core.markdown());
+    assert_eq!(core.readings, 20_000);
+    assert_eq!(core.raw_rows, 20_000, "every reading in the raw table");
+    assert_eq!(
+        core.aggregated_rows, 20_000,
+        "every reading in a window's count"
+    );
+}
