@@ -70,7 +70,7 @@ pub async fn run(
     // request channel (which only the poll task drains).
     opts.set_manual_acks(true);
     opts.set_request_channel_capacity(65_536);
-    let (client, mut eventloop) = AsyncClient::new(opts, 65_536);
+    let (client, mut eventloop) = crate::mqtt::client(opts, 65_536);
     let filters: Vec<(String, QoS)> = cfg
         .sources
         .iter()

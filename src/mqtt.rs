@@ -107,3 +107,14 @@ impl std::fmt::Display for BrokerUrl {
         )
     }
 }
+
+/// A client and its event loop, with Nagle's algorithm off: commands and acks are small
+/// writes that must go out now (with it on, a lone write waits for the peer's delayed ACK,
+/// tens of milliseconds). Writes under load are batched by the event loop anyway.
+pub fn client(opts: MqttOptions, capacity: usize) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(opts, capacity);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    eventloop.set_network_options(net);
+    (client, eventloop)
+}

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use datafusion::arrow::datatypes::DataType;
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, Packet, QoS};
+use rumqttc::{Event, Packet, QoS};
 use serde_json::{Map, Value, json};
 use tokio::sync::watch;
 
@@ -106,7 +106,7 @@ async fn device(
     let Ok(opts) = broker.options(&format!("fleetsql-sim-{id}-{}", std::process::id())) else {
         return;
     };
-    let (client, mut eventloop) = AsyncClient::new(opts, 64);
+    let (client, mut eventloop) = crate::mqtt::client(opts, 64);
     let topics: Vec<String> = plan
         .sources
         .iter()

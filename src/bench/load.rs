@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use rumqttc::{Event, MqttOptions, Packet, QoS};
 use tokio::sync::watch;
 
 /// What devices send.
@@ -161,7 +161,7 @@ async fn subscribe(
     mut on_message: impl FnMut(&str) + Send + 'static,
     mut stop: watch::Receiver<bool>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let (client, mut ev) = AsyncClient::new(options(id, host, port), 10_000);
+    let (client, mut ev) = crate::mqtt::client(options(id, host, port), 10_000);
     client.subscribe(filter, qos(q)).await?;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
@@ -291,7 +291,7 @@ pub async fn run(
             .map(|d| format!("{}/telemetry", opts.device_id(*d)))
             .collect();
         let id = format!("bench-pub-{}-{c}", std::process::id());
-        let (client, mut ev) = AsyncClient::new(options(&id, &opts.host, opts.port), 10_000);
+        let (client, mut ev) = crate::mqtt::client(options(&id, &opts.host, opts.port), 10_000);
         let mut stop = stop_rx.clone();
         // The event loop on its own task: it writes what `publish` queues.
         let poller = tokio::spawn(async move {
@@ -419,7 +419,7 @@ pub async fn probe(
         stop_rx.clone(),
     )
     .await?;
-    let (client, mut ev) = AsyncClient::new(options(&format!("{id}-pub"), host, port), 10);
+    let (client, mut ev) = crate::mqtt::client(options(&format!("{id}-pub"), host, port), 10);
     let poller = tokio::spawn(async move {
         let mut stop = stop_rx;
         loop {
@@ -464,7 +464,7 @@ pub async fn probe(
 /// subscribes, another publishes, as the engine does.
 pub async fn echo(host: &str, port: u16, q: u8, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let id = format!("bench-echo-{}", std::process::id());
-    let (client, mut ev) = AsyncClient::new(options(&format!("{id}-pub"), host, port), 10_000);
+    let (client, mut ev) = crate::mqtt::client(options(&format!("{id}-pub"), host, port), 10_000);
     let mut stop2 = stop.clone();
     let poller = tokio::spawn(async move {
         loop {

@@ -80,7 +80,7 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 4)]
     pub connections: usize,
     /// Measure this command instead of `fleetsql run` (`{host}` and `{port}` are the
-    /// broker's), e.g. `benches/nodered/run.sh {host} {port}`.
+    /// broker's, `{qos}` the load's), e.g. `benches/nodered/run.sh {host} {port} {qos}`.
     #[arg(long)]
     pub sut_cmd: Option<String>,
     /// An argument for `fleetsql run` (repeatable), e.g. `--engine-arg=--fsync=off`.

@@ -177,7 +177,7 @@ fn per_msg(before: Option<Duration>, after: Option<Duration>, n: u64) -> Option<
 
 /// Runs the scenario; see the module documentation.
 pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
-    let broker = Mosquitto::start()?;
+    let broker = Mosquitto::start(opts.scenario == Scenario::Latency)?;
     let broker_pid = broker.proc.pid();
     let mut load = opts.load.clone();
     load.host = "127.0.0.1".into();
@@ -235,19 +235,30 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         Some(cmd) => {
             let cmd = cmd
                 .replace("{host}", &load.host)
-                .replace("{port}", &load.port.to_string());
+                .replace("{port}", &load.port.to_string())
+                .replace("{qos}", &load.qos.to_string());
+            // Its output would interleave with the report: kept in a file, shown on failure.
+            let log = tempfile::NamedTempFile::new()?;
             let mut p = Proc::spawn(
                 "system under test",
-                Command::new("sh").arg("-c").arg(format!("exec {cmd}")),
+                Command::new("sh")
+                    .arg("-c")
+                    .arg(format!("exec {cmd}"))
+                    .stdout(log.reopen()?)
+                    .stderr(log.reopen()?),
             )?;
-            load::probe(
+            let sut_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
+            let probe = load::probe(
                 &load.host,
                 load.port,
                 "probe",
                 br#"{"light": 1}"#,
                 Duration::from_secs(60),
             )
-            .await?;
+            .await;
+            if let Err(e) = probe {
+                anyhow::bail!("{e}\n{cmd} said:\n{}", sut_log());
+            }
             let expect = if opts.scenario.round_trip() {
                 Expect::Commands
             } else {
@@ -255,7 +266,7 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
             };
             let m = measure(&mut p, broker_pid, &load, expect, None, cmd.as_str()).await?;
             p.stop(Duration::from_secs(10));
-            let mut m = m?;
+            let mut m = m.map_err(|e| anyhow::anyhow!("{e:#}\n{cmd} said:\n{}", sut_log()))?;
             m.check = format!("{} (no Parquet)", m.check);
             m
         }

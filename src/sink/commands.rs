@@ -35,7 +35,7 @@ impl CommandPublisher {
         let mut opts = broker.options(client_id)?;
         opts.set_clean_session(true);
         opts.set_inflight(1000);
-        let (client, mut eventloop) = AsyncClient::new(opts, 10_000);
+        let (client, mut eventloop) = crate::mqtt::client(opts, 10_000);
         let m = metrics.clone();
         let broker = broker.clone();
         let task = tokio::spawn(async move {
