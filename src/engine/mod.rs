@@ -432,18 +432,19 @@ async fn reload_triggers(
             return;
         }
         match result.await {
+            // Logged, then counted: whoever sees the count finds the line in the log.
             Ok(Ok(summary)) => {
-                metrics.pipeline_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!("pipeline reloaded ({why}): {summary}");
+                metrics.pipeline_reloads.with_label_values(&["ok"]).inc();
             }
             Ok(Err(e)) => {
+                tracing::error!(
+                    "pipeline reload refused ({why}); the running pipeline stays:\n{e}"
+                );
                 metrics
                     .pipeline_reloads
                     .with_label_values(&["refused"])
                     .inc();
-                tracing::error!(
-                    "pipeline reload refused ({why}); the running pipeline stays:\n{e}"
-                );
             }
             Err(_) => return,
         }

@@ -85,12 +85,15 @@ fn hot_reload_keeps_unchanged_windows_and_refuses_broken_files() {
     wait_until(Duration::from_secs(10), "--watch reloads", || {
         engine.metric("fleetsql_pipeline_reloads_total{result=\"ok\"}") == Some(1.0)
     });
-    assert!(
-        engine
-            .log()
-            .contains("1 queries kept their state, 1 new or changed"),
-        "{}",
-        engine.log()
+    // The log is read from the engine's stderr by a thread: wait for the line to arrive.
+    wait_until(
+        Duration::from_secs(10),
+        "the reload's summary in the log",
+        || {
+            engine
+                .log()
+                .contains("1 queries kept their state, 1 new or changed")
+        },
     );
     reading("b", 200, 1_001);
     wait_until(Duration::from_secs(10), "v2 answers", || {
@@ -113,8 +116,10 @@ fn hot_reload_keeps_unchanged_windows_and_refuses_broken_files() {
     wait_until(Duration::from_secs(10), "SIGHUP refuses again", || {
         engine.metric("fleetsql_pipeline_reloads_total{result=\"refused\"}") == Some(2.0)
     });
+    wait_until(Duration::from_secs(10), "the refusal in the log", || {
+        engine.log().contains("pipeline reload refused (SIGHUP)")
+    });
     let log = engine.log();
-    assert!(log.contains("pipeline reload refused (SIGHUP)"), "{log}");
     assert!(log.contains("lux"), "the refusal names the problem:\n{log}");
     reading("c", 50, 1_002);
     reading("c", 200, 1_003);
