@@ -84,6 +84,10 @@ pub async fn run(
     // large payloads stays at the broker rather than here.
     let (tx, rx) = mpsc::channel::<Incoming>(16_384);
     let (logged_tx, logged_rx) = mpsc::channel::<Message>(1024);
+    // Everything the log holds at start is on disk.
+    let (durable_tx, durable_rx) = watch::channel(cfg.wal.next_seq());
+    let mut router = router;
+    router.durable = Some(durable_rx);
     let router = tokio::spawn(router.run(replay, logged_rx));
     let logger = tokio::spawn(log(
         rx,
@@ -91,6 +95,7 @@ pub async fn run(
         cfg.redeliveries,
         client.clone(),
         logged_tx,
+        durable_tx,
         metrics.clone(),
     ));
 
@@ -177,18 +182,28 @@ pub async fn run(
     routed.map_err(anyhow::Error::msg)
 }
 
-/// The log task: writes each batch of messages to the log, then acknowledges them, then
-/// hands them to the router. A failed write stops ingest: nothing more is acknowledged.
+/// The log task: appends each batch of messages to the log and hands them to the router;
+/// they are acknowledged once on disk (by the syncer, with `--fsync always`), and
+/// `durable` follows the position up to which they are. A failed write or fsync stops
+/// ingest: nothing more is acknowledged.
 async fn log(
     mut rx: mpsc::Receiver<Incoming>,
     mut wal: Wal,
     mut redeliveries: Redeliveries,
     client: AsyncClient,
     out: mpsc::Sender<Message>,
+    durable: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
+    let (to_sync, unsynced) = mpsc::unbounded_channel();
+    let syncer = tokio::spawn(sync(
+        unsynced,
+        client.clone(),
+        durable.clone(),
+        metrics.clone(),
+    ));
     let mut buf = Vec::with_capacity(1024);
-    while rx.recv_many(&mut buf, 1024).await > 0 {
+    'batches: while rx.recv_many(&mut buf, 1024).await > 0 {
         let mut acks = Vec::with_capacity(buf.len());
         let mut fresh = Vec::with_capacity(buf.len());
         for inc in buf.drain(..) {
@@ -206,20 +221,7 @@ async fn log(
             }
             fresh.push((inc.msg, inc.pkid));
         }
-        // With fsync, an append waits for the disk: on a blocking thread, while the poll
-        // task goes on reading. Without, it is a copy into the page cache, cheaper than
-        // the two thread switches of handing it over.
-        let (w, fresh_back, written) = if wal.blocks() {
-            tokio::task::spawn_blocking(move || {
-                let r = wal.append(&fresh);
-                (wal, fresh, r)
-            })
-            .await?
-        } else {
-            let r = wal.append(&fresh);
-            (wal, fresh, r)
-        };
-        wal = w;
+        let written = wal.append(&fresh);
         let first = match written {
             Ok(first) => first,
             Err(e) => {
@@ -231,19 +233,90 @@ async fn log(
                 );
             }
         };
-        metrics.wal_messages.inc_by(fresh_back.len() as u64);
-        for (i, (m, pkid)) in fresh_back.iter().enumerate() {
+        metrics.wal_messages.inc_by(fresh.len() as u64);
+        for (i, (m, pkid)) in fresh.iter().enumerate() {
             redeliveries.note(first + i as u64, *pkid, &m.topic, &m.payload);
         }
-        for a in &acks {
-            if client.ack(a).await.is_err() {
-                break;
+        let end = first + fresh.len() as u64;
+        // Acknowledged once on disk: by the syncer with fsync, right away without.
+        if wal.needs_sync() {
+            let file = match wal.sync_handle() {
+                Ok(f) => f,
+                Err(e) => {
+                    metrics.wal_errors.inc();
+                    anyhow::bail!("cannot sync the write-ahead log: {e}");
+                }
+            };
+            if to_sync.send(Unsynced { end, file, acks }).is_err() {
+                // The syncer failed and said why; its error is returned below.
+                break 'batches;
+            }
+        } else {
+            ack_all(&client, &acks).await;
+            durable.send_replace(end);
+        }
+        // Routed before they are on disk: commands do not wait for the fsync, which
+        // only holds back the broker's acknowledgements (and checkpoints, see
+        // `Router::checkpoint`). A crash before the fsync loses nothing: the broker
+        // sends again what was not acknowledged.
+        for (m, _) in fresh {
+            if out.send(m).await.is_err() {
+                // The router has stopped: shutting down.
+                break 'batches;
             }
         }
-        for (m, _) in fresh_back {
-            if out.send(m).await.is_err() {
-                return Ok(());
+    }
+    drop(to_sync);
+    syncer.await?
+}
+
+/// Messages appended to the log and not yet forced to disk.
+struct Unsynced {
+    /// The log position after them.
+    end: u64,
+    /// The segment they are in.
+    file: Option<std::fs::File>,
+    acks: Vec<Publish>,
+}
+
+async fn ack_all(client: &AsyncClient, acks: &[Publish]) {
+    for a in acks {
+        if client.ack(a).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Forces appended messages to disk, as many batches per fsync as have queued up while
+/// the previous one ran (group commit), then acknowledges them to the broker in order and
+/// moves the durable position on.
+async fn sync(
+    mut rx: mpsc::UnboundedReceiver<Unsynced>,
+    client: AsyncClient,
+    durable: watch::Sender<u64>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<()> {
+    let mut group = Vec::new();
+    while rx.recv_many(&mut group, 4096).await > 0 {
+        // Batches are in log order; the last one's segment holds the newest appends
+        // (older segments were synced when they were closed).
+        let file = group
+            .iter()
+            .rev()
+            .find_map(|u| u.file.as_ref()?.try_clone().ok());
+        if let Some(file) = file {
+            let synced = tokio::task::spawn_blocking(move || file.sync_data()).await?;
+            if let Err(e) = synced {
+                metrics.wal_errors.inc();
+                anyhow::bail!(
+                    "cannot force the write-ahead log to disk: {e}. Stopped acknowledging: \
+                     the broker keeps every message not acknowledged"
+                );
             }
+        }
+        for u in group.drain(..) {
+            ack_all(&client, &u.acks).await;
+            durable.send_replace(u.end);
         }
     }
     Ok(())
@@ -272,6 +345,9 @@ pub struct Router {
     pub checkpoint_interval: Duration,
     /// Payload bytes handed to the shards since they last flushed.
     pub unflushed: usize,
+    /// The log position up to which messages are on disk (`None`: not logged, e.g. the
+    /// in-process input). Messages are routed before they are; a checkpoint waits for it.
+    pub durable: Option<watch::Receiver<u64>>,
 }
 
 impl Router {
@@ -310,6 +386,19 @@ impl Router {
     /// Everything routed so far reaches the runner, which commits it with its state.
     async fn checkpoint(&self) -> Result<(), String> {
         crate::device::flush_shards(&self.shards).await;
+        // The checkpoint says: replay the log from here. What it holds must be in the
+        // log for good first, or a power cut could leave state for messages that were
+        // never acknowledged, and that the broker would then deliver again.
+        if let Some(durable) = &self.durable {
+            let position = self.position;
+            if durable.clone().wait_for(|d| *d >= position).await.is_err() {
+                return Err(
+                    "the write-ahead log stopped before the checkpoint's messages \
+                            were on disk"
+                        .to_string(),
+                );
+            }
+        }
         let (done, answer) = oneshot::channel();
         self.engine
             .send(EngineEvent::Checkpoint {

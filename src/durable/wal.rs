@@ -105,18 +105,30 @@ impl Wal {
         }
     }
 
-    /// Whether an append waits for the disk (`fsync`), and so belongs on a blocking thread.
-    pub fn blocks(&self) -> bool {
+    /// Whether messages must be forced to disk ([`Wal::sync_handle`]) before they are
+    /// acknowledged.
+    pub fn needs_sync(&self) -> bool {
         self.fsync == Fsync::Always
+    }
+
+    /// The open segment's file, for forcing what was appended to disk (`sync_data`) on
+    /// another thread while appends go on: an append only hands its bytes to the
+    /// operating system. Segments closed by a roll were synced then.
+    pub fn sync_handle(&self) -> std::io::Result<Option<File>> {
+        match &self.segment {
+            Some(seg) => seg.writer.get_ref().get_ref().try_clone().map(Some),
+            None => Ok(None),
+        }
     }
 
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
-    /// Appends messages, durably as the policy says; returns the seq of the first. On an
-    /// error nothing of the batch may be counted as logged, and the segment is abandoned
-    /// (a later append starts a new one).
+    /// Appends messages (written to the operating system, not forced to disk: see
+    /// [`Wal::sync_handle`]); returns the seq of the first. On an error nothing of the
+    /// batch may be counted as logged, and the segment is abandoned (a later append starts
+    /// a new one).
     pub fn append(&mut self, msgs: &[(Message, u16)]) -> std::io::Result<u64> {
         let first = self.next_seq;
         if msgs.is_empty() {
@@ -137,6 +149,11 @@ impl Wal {
             None => true,
         };
         if roll {
+            // What the closing segment holds is forced to disk before a new one starts:
+            // the syncer only syncs the open segment.
+            if let (Some(old), Fsync::Always) = (&self.segment, self.fsync) {
+                old.writer.get_ref().get_ref().sync_data()?;
+            }
             self.segment = None;
             std::fs::create_dir_all(&self.dir)?;
             let path = self.dir.join(format!("{first:020}.arrows"));
@@ -174,9 +191,6 @@ impl Wal {
         seg.writer.write(&batch).map_err(io)?;
         seg.writer.flush().map_err(io)?;
         seg.bytes += batch.get_array_memory_size() as u64;
-        if self.fsync == Fsync::Always {
-            seg.writer.get_mut().get_ref().sync_data()?;
-        }
         Ok(())
     }
 }

@@ -277,6 +277,7 @@ pub async fn run_with(
         position: wal.next_seq - replay.len() as u64,
         checkpoint_interval: cfg.roll.max_age,
         unflushed: 0,
+        durable: None,
     };
     let ingest = match input {
         Input::Mqtt => tokio::spawn(crate::ingest::run(
