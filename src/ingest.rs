@@ -287,6 +287,9 @@ async fn ack_all(client: &AsyncClient, acks: &[Publish]) {
     }
 }
 
+/// The shortest time between two fsyncs of the log (see `sync`).
+const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(2);
+
 /// Forces appended messages to disk, as many batches per fsync as have queued up while
 /// the previous one ran (group commit), then acknowledges them to the broker in order and
 /// moves the durable position on.
@@ -297,7 +300,19 @@ async fn sync(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let mut group = Vec::new();
+    let mut last = tokio::time::Instant::now();
     while rx.recv_many(&mut group, 4096).await > 0 {
+        // At most one fsync per interval: its CPU (the kernel's writeback) is paid per
+        // call, and nothing but the broker's acknowledgements waits for it. Batches that
+        // arrive meanwhile join this one.
+        let due = last + MIN_SYNC_INTERVAL;
+        if tokio::time::Instant::now() < due {
+            tokio::time::sleep_until(due).await;
+            while let Ok(u) = rx.try_recv() {
+                group.push(u);
+            }
+        }
+        last = tokio::time::Instant::now();
         // Batches are in log order; the last one's segment holds the newest appends
         // (older segments were synced when they were closed).
         let file = group
