@@ -182,9 +182,25 @@ fn hour_of(t: DateTime<Utc>) -> (i32, u32, u32, u32) {
 
 impl Writer {
     fn run(&mut self, rx: Receiver<Request>) {
-        while let Ok(req) = rx.recv() {
+        let mut next = rx.recv().ok();
+        while let Some(req) = next.take() {
             match req {
-                Request::Rows(b) => self.write(b),
+                Request::Rows(b) => {
+                    // Rows queued meanwhile go in one write: each write costs per column
+                    // and per call, and under load the engine sends many small batches.
+                    let mut batches = vec![b];
+                    loop {
+                        match rx.try_recv() {
+                            Ok(Request::Rows(b)) => batches.push(b),
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.write_all(batches);
+                }
                 Request::Seal(answer) => {
                     self.finish_open();
                     let result = match self.failed.take() {
@@ -192,6 +208,7 @@ impl Writer {
                         None => Ok(std::mem::take(&mut self.sealed)),
                     };
                     let _ = answer.send(result);
+                    next = rx.recv().ok();
                     continue;
                 }
             }
@@ -205,6 +222,28 @@ impl Writer {
             if due {
                 self.finish_open();
             }
+            if next.is_none() {
+                next = rx.recv().ok();
+            }
+        }
+    }
+
+    /// Writes batches as one when they concatenate (the usual case), else one by one.
+    fn write_all(&mut self, batches: Vec<RecordBatch>) {
+        if batches.len() > 1 {
+            let aligned: Result<Vec<RecordBatch>, _> = batches
+                .iter()
+                .map(|b| RecordBatch::try_new(self.schema.clone(), b.columns().to_vec()))
+                .collect();
+            if let Ok(one) =
+                aligned.and_then(|a| datafusion::arrow::compute::concat_batches(&self.schema, &a))
+            {
+                self.write(one);
+                return;
+            }
+        }
+        for b in batches {
+            self.write(b);
         }
     }
 
