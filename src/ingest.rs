@@ -196,12 +196,7 @@ async fn log(
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let (to_sync, unsynced) = mpsc::unbounded_channel();
-    let syncer = tokio::spawn(sync(
-        unsynced,
-        client.clone(),
-        durable.clone(),
-        metrics.clone(),
-    ));
+    let syncer = tokio::spawn(sync(unsynced, client.clone(), durable, metrics.clone()));
     let mut buf = Vec::with_capacity(1024);
     'batches: while rx.recv_many(&mut buf, 1024).await > 0 {
         let mut acks = Vec::with_capacity(buf.len());
@@ -238,22 +233,23 @@ async fn log(
             redeliveries.note(first + i as u64, *pkid, &m.topic, &m.payload);
         }
         let end = first + fresh.len() as u64;
-        // Acknowledged once on disk: by the syncer with fsync, right away without.
-        if wal.needs_sync() {
-            let file = match wal.sync_handle() {
+        // Acknowledged by the syncer, in order and grouped: with fsync once on disk,
+        // without once written (grouping the acks is what makes the broker cheap to
+        // feed: one burst of PUBACKs per interval instead of one per batch).
+        let file = if wal.needs_sync() {
+            match wal.sync_handle() {
                 Ok(f) => f,
                 Err(e) => {
                     metrics.wal_errors.inc();
                     anyhow::bail!("cannot sync the write-ahead log: {e}");
                 }
-            };
-            if to_sync.send(Unsynced { end, file, acks }).is_err() {
-                // The syncer failed and said why; its error is returned below.
-                break 'batches;
             }
         } else {
-            ack_all(&client, &acks).await;
-            durable.send_replace(end);
+            None
+        };
+        if to_sync.send(Unsynced { end, file, acks }).is_err() {
+            // The syncer failed and said why; its error is returned below.
+            break 'batches;
         }
         // Routed before they are on disk: commands do not wait for the fsync, which
         // only holds back the broker's acknowledgements (and checkpoints, see
@@ -290,9 +286,9 @@ async fn ack_all(client: &AsyncClient, acks: &[Publish]) {
 /// The shortest time between two fsyncs of the log (see `sync`).
 const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(2);
 
-/// Forces appended messages to disk, as many batches per fsync as have queued up while
-/// the previous one ran (group commit), then acknowledges them to the broker in order and
-/// moves the durable position on.
+/// Forces appended messages to disk (with `--fsync always`), as many batches per fsync as
+/// have queued up meanwhile (group commit), then acknowledges them to the broker in order
+/// and moves the durable position on.
 async fn sync(
     mut rx: mpsc::UnboundedReceiver<Unsynced>,
     client: AsyncClient,
