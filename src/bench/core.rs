@@ -11,12 +11,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
 
 use super::load::Payload;
 use crate::decode::Message;
-use crate::engine::{EngineConfig, Input};
-use crate::metrics::Metrics;
+use crate::engine::EngineConfig;
 
 #[derive(Debug, Clone)]
 pub struct CoreOptions {
@@ -103,18 +101,8 @@ pub async fn run(opts: CoreOptions) -> anyhow::Result<CoreReport> {
         }
     }
 
-    let metrics = Metrics::new();
-    let (tx, rx) = mpsc::channel::<Message>(16_384);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let engine = tokio::spawn(crate::engine::run_with(
-        cfg,
-        pipeline,
-        Input::Channel(rx),
-        metrics.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let engine = super::InProcess::start(cfg, pipeline);
+    let (tx, metrics) = (engine.tx.clone(), engine.metrics.clone());
     let ingested = || metrics.rows_ingested.with_label_values(&["climate"]).get();
     let rss_peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -154,8 +142,7 @@ pub async fn run(opts: CoreOptions) -> anyhow::Result<CoreReport> {
         ingested()
     );
     drop(tx);
-    let _ = stop_tx.send(());
-    engine.await??;
+    engine.stop().await?;
     let total_seconds = started.elapsed().as_secs_f64();
     let cpu = crate::mem::cpu_time().saturating_sub(cpu_start);
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);

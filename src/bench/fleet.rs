@@ -17,10 +17,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
 
 use crate::decode::Message;
-use crate::engine::{EngineConfig, Input};
+use crate::engine::EngineConfig;
 use crate::metrics::Metrics;
 
 #[derive(Debug, Clone)]
@@ -163,18 +162,8 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     let topics: Vec<String> = (0..opts.devices)
         .map(|i| format!("fleet/dev-{i:06}/telemetry"))
         .collect();
-    let metrics = Metrics::new();
-    let (tx, rx) = mpsc::channel::<Message>(16_384);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let engine = tokio::spawn(crate::engine::run_with(
-        cfg,
-        pipeline,
-        Input::Channel(rx),
-        metrics.clone(),
-        async {
-            let _ = stop_rx.await;
-        },
-    ));
+    let engine = super::InProcess::start(cfg, pipeline);
+    let (tx, metrics) = (engine.tx.clone(), engine.metrics.clone());
     tokio::time::sleep(Duration::from_millis(500)).await;
     crate::mem::trim();
     let rss_baseline = crate::mem::rss_bytes().unwrap_or(0);
@@ -258,8 +247,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
     sampling.store(false, std::sync::atomic::Ordering::SeqCst);
     let (rss_peak, actors_peak, closes) = sampler.await?;
     drop(tx);
-    let _ = stop_tx.send(());
-    engine.await??;
+    engine.stop().await?;
 
     let raw_rows = super::count_rows(&data_dir, "telemetry", "count(*)").await?;
     let aggregated_rows = super::count_rows(&data_dir, "per_device", "sum(n)").await?;

@@ -194,6 +194,49 @@ pub async fn main(cmd: BenchCommand) -> i32 {
     }
 }
 
+/// The whole engine in process, fed through a channel instead of an MQTT client
+/// ([`crate::engine::Input::Channel`]): what the in-process benchmarks drive.
+pub struct InProcess {
+    pub tx: tokio::sync::mpsc::Sender<crate::decode::Message>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    engine: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    pub fn start(
+        cfg: crate::engine::EngineConfig,
+        pipeline: crate::pipeline::CompiledPipeline,
+    ) -> InProcess {
+        let metrics = crate::metrics::Metrics::new();
+        let (tx, rx) = tokio::sync::mpsc::channel(16_384);
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let engine = tokio::spawn(crate::engine::run_with(
+            cfg,
+            pipeline,
+            crate::engine::Input::Channel(rx),
+            metrics.clone(),
+            async {
+                let _ = stop_rx.await;
+            },
+        ));
+        InProcess {
+            tx,
+            metrics,
+            stop,
+            engine,
+        }
+    }
+
+    /// Stops the engine as its configuration says (windows drained or kept) and waits
+    /// until it has.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        drop(self.tx);
+        let _ = self.stop.send(());
+        self.engine.await?
+    }
+}
+
 /// Rows in a Parquet table written by the engine (all its partitions), read back with
 /// DataFusion as a user would.
 pub async fn count_rows(
