@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use datafusion::arrow::array::{Array, Float64Array, StringArray, TimestampMillisecondArray};
+use datafusion::arrow::record_batch::RecordBatch;
 use fleetsql::decode::{Message, SourceDecoder, SourceShape};
 
 use crate::util::*;
@@ -22,6 +23,16 @@ fn shape(columns: &str, options: &str) -> Arc<SourceShape> {
         .block_on(fleetsql::pipeline::load(&[p]))
         .unwrap_or_else(|e| panic!("{e}"));
     Arc::new(SourceShape::new(&compiled.sources[0]))
+}
+
+/// The column `name` of a decoded batch, as its Arrow array type.
+fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> &'a T {
+    batch
+        .column_by_name(name)
+        .unwrap_or_else(|| panic!("no column {name}"))
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap_or_else(|| panic!("column {name} is not a {}", std::any::type_name::<T>()))
 }
 
 fn msg(topic: &str, payload: &str, at: i64) -> Message {
@@ -57,27 +68,12 @@ fn bad_messages_are_isolated_with_reasons() {
     }
     let (batch, dead) = d.flush();
     let batch = batch.expect("good rows");
-    let light = batch
-        .column_by_name("light")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap();
+    let light = column::<Float64Array>(&batch, "light");
     // An array of readings is one row per element, in order.
     assert_eq!(light.values().to_vec(), vec![1.0, 2.5, 5.0, 8.0, 9.0]);
-    let site = batch
-        .column_by_name("site")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap();
+    let site = column::<StringArray>(&batch, "site");
     assert_eq!(site.value(0), "north");
-    let dev = batch
-        .column_by_name("device_id")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap();
+    let dev = column::<StringArray>(&batch, "device_id");
     assert_eq!(dev.value(2), "dev-1");
     let mut got: Vec<(String, &str)> = dead
         .iter()
@@ -106,12 +102,7 @@ fn event_time_from_rfc3339_epoch_seconds_and_millis() {
     let (b, dead) = d.flush();
     assert!(dead.is_empty(), "{dead:?}");
     let b = b.unwrap();
-    let et = b
-        .column_by_name("event_time")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<TimestampMillisecondArray>()
-        .unwrap();
+    let et = column::<TimestampMillisecondArray>(&b, "event_time");
     assert_eq!(
         et.values().to_vec(),
         vec![1_700_000_000_000, 1_700_000_000_123, 7],
@@ -126,15 +117,7 @@ fn event_time_from_rfc3339_epoch_seconds_and_millis() {
     ));
     d.push(msg("site/a/d/t", "{\"v\": 2, \"ts\": \"yesterday\"}", 6));
     let (b, dead) = d.flush();
-    let et = b
-        .as_ref()
-        .unwrap()
-        .column_by_name("event_time")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<TimestampMillisecondArray>()
-        .unwrap()
-        .clone();
+    let et = column::<TimestampMillisecondArray>(b.as_ref().unwrap(), "event_time").clone();
     assert_eq!(et.len(), 1);
     assert_eq!(et.value(0), 1_795_341_600_250);
     assert_eq!(dead.len(), 1, "an unparseable time is a dead letter");
@@ -225,12 +208,7 @@ fn a_flush_larger_than_the_decoder_batch_keeps_every_row() {
         dead.first().map(|d| &d.error)
     );
     let batch = batch.expect("rows");
-    let light = batch
-        .column_by_name("light")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<Float64Array>()
-        .unwrap();
+    let light = column::<Float64Array>(&batch, "light");
     assert_eq!(light.len(), expected.len());
     assert_eq!(light.values().to_vec(), expected);
 }
