@@ -236,16 +236,12 @@ async fn log(
         // Acknowledged by the syncer, in order and grouped: with fsync once on disk,
         // without once written (grouping the acks is what makes the broker cheap to
         // feed: one burst of PUBACKs per interval instead of one per batch).
-        let file = if wal.needs_sync() {
-            match wal.sync_handle() {
-                Ok(f) => f,
-                Err(e) => {
-                    metrics.wal_errors.inc();
-                    anyhow::bail!("cannot sync the write-ahead log: {e}");
-                }
+        let file = match wal.new_segment_handle() {
+            Ok(f) => f,
+            Err(e) => {
+                metrics.wal_errors.inc();
+                anyhow::bail!("cannot sync the write-ahead log: {e}");
             }
-        } else {
-            None
         };
         if to_sync.send(Unsynced { end, file, acks }).is_err() {
             // The syncer failed and said why; its error is returned below.
@@ -270,7 +266,8 @@ async fn log(
 struct Unsynced {
     /// The log position after them.
     end: u64,
-    /// The segment they are in.
+    /// The segment they are in, when it is new (with `--fsync always`): the syncer
+    /// syncs the newest segment it was given.
     file: Option<std::fs::File>,
     acks: Vec<Publish>,
 }
@@ -295,7 +292,9 @@ async fn sync(
     durable: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
-    let mut group = Vec::new();
+    let mut group: Vec<Unsynced> = Vec::new();
+    // The open segment (only ever set with `--fsync always`).
+    let mut segment: Option<Arc<std::fs::File>> = None;
     let mut last = tokio::time::Instant::now();
     while rx.recv_many(&mut group, 4096).await > 0 {
         // At most one fsync per interval: its CPU (the kernel's writeback) is paid per
@@ -309,13 +308,14 @@ async fn sync(
             }
         }
         last = tokio::time::Instant::now();
-        // Batches are in log order; the last one's segment holds the newest appends
-        // (older segments were synced when they were closed).
-        let file = group
-            .iter()
-            .rev()
-            .find_map(|u| u.file.as_ref()?.try_clone().ok());
-        if let Some(file) = file {
+        // Batches are in log order: the newest segment holds the newest appends (older
+        // segments were synced when they were closed).
+        for u in group.iter_mut() {
+            if let Some(f) = u.file.take() {
+                segment = Some(Arc::new(f));
+            }
+        }
+        if let Some(file) = segment.clone() {
             let synced = tokio::task::spawn_blocking(move || file.sync_data()).await?;
             if let Err(e) = synced {
                 metrics.wal_errors.inc();

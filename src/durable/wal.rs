@@ -81,6 +81,8 @@ struct Segment {
     writer: StreamWriter<BufWriter<File>>,
     bytes: u64,
     opened: Instant,
+    /// Its file was handed out for syncing ([`Wal::new_segment_handle`]).
+    handed: bool,
 }
 
 /// The appending side of the log.
@@ -105,19 +107,24 @@ impl Wal {
         }
     }
 
-    /// Whether messages must be forced to disk ([`Wal::sync_handle`]) before they are
-    /// acknowledged.
+    /// Whether messages must be forced to disk ([`Wal::new_segment_handle`]) before they
+    /// are acknowledged.
     pub fn needs_sync(&self) -> bool {
         self.fsync == Fsync::Always
     }
 
-    /// The open segment's file, for forcing what was appended to disk (`sync_data`) on
-    /// another thread while appends go on: an append only hands its bytes to the
-    /// operating system. Segments closed by a roll were synced then.
-    pub fn sync_handle(&self) -> std::io::Result<Option<File>> {
-        match &self.segment {
-            Some(seg) => seg.writer.get_ref().get_ref().try_clone().map(Some),
-            None => Ok(None),
+    /// With `--fsync always`, the open segment's file, once per segment (the first call
+    /// after it opened): for forcing what was appended to disk (`sync_data`) on another
+    /// thread while appends go on, since an append only hands its bytes to the operating
+    /// system. Segments closed by a roll were synced then.
+    pub fn new_segment_handle(&mut self) -> std::io::Result<Option<File>> {
+        match self.segment.as_mut() {
+            Some(seg) if self.fsync == Fsync::Always && !seg.handed => {
+                let file = seg.writer.get_ref().get_ref().try_clone()?;
+                seg.handed = true;
+                Ok(Some(file))
+            }
+            _ => Ok(None),
         }
     }
 
@@ -126,7 +133,7 @@ impl Wal {
     }
 
     /// Appends messages (written to the operating system, not forced to disk: see
-    /// [`Wal::sync_handle`]); returns the seq of the first. On an error nothing of the
+    /// [`Wal::new_segment_handle`]); returns the seq of the first. On an error nothing of the
     /// batch may be counted as logged, and the segment is abandoned (a later append starts
     /// a new one).
     pub fn append(&mut self, msgs: &[(Message, u16)]) -> std::io::Result<u64> {
@@ -164,6 +171,7 @@ impl Wal {
                 writer,
                 bytes: 0,
                 opened: Instant::now(),
+                handed: false,
             });
         }
         let batch = RecordBatch::try_new(
