@@ -115,11 +115,7 @@ impl ShardBuffer {
             self.flush_source(source);
         }
         if self.in_flight == 0 {
-            for i in 0..self.decoders.len() {
-                if !self.decoders[i].is_empty() {
-                    self.flush_source(i);
-                }
-            }
+            self.flush_sources();
         }
     }
 
@@ -138,12 +134,17 @@ impl ShardBuffer {
         }
     }
 
-    pub fn flush_all(&mut self, presence: Option<&PresenceConfig>) {
+    /// Hands on every source's buffered rows.
+    fn flush_sources(&mut self) {
         for i in 0..self.decoders.len() {
             if !self.decoders[i].is_empty() {
                 self.flush_source(i);
             }
         }
+    }
+
+    pub fn flush_all(&mut self, presence: Option<&PresenceConfig>) {
+        self.flush_sources();
         if let (Some(p), false) = (presence, self.changes.is_empty()) {
             match presence::rows(&std::mem::take(&mut self.changes)) {
                 Ok(batch) => {
