@@ -99,6 +99,12 @@ pub struct RunArgs {
     /// Number of device shards (actix arbiters, one thread each); default: one per core.
     #[arg(long)]
     pub shards: Option<usize>,
+    /// Worker threads of the async runtime that carries ingest, the log, topic routing,
+    /// the pipeline runner and the command sink. One by default: these stages form one
+    /// chain and the parallel work runs on the shard and Parquet writer threads, so a
+    /// second worker mostly adds cross-thread wake-ups (see docs/benchmarks.md).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    pub runtime_threads: u16,
     /// Bytes of decoded rows that may wait for the pipeline before ingest pauses (and the
     /// broker holds the backlog instead).
     #[arg(long, default_value_t = 64 << 20)]
@@ -226,11 +232,13 @@ pub fn main() -> i32 {
     unsafe {
         libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("fleetsql")
-        .build()
-    {
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    // `run` sizes its runtime itself (see `RunArgs::runtime_threads`); the other commands
+    // take tokio's default, one worker per core.
+    if let Command::Run(args) = &cli.command {
+        rt.worker_threads(args.runtime_threads.into());
+    }
+    let rt = match rt.enable_all().thread_name("fleetsql").build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
