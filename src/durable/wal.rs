@@ -13,7 +13,6 @@
 //! engine recognise a broker's redelivery of a message it already logged (see
 //! [`Redeliveries`]).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::hash::{Hash, Hasher};
 use std::io::BufWriter;
@@ -331,9 +330,23 @@ pub fn truncate(dir: &Path, before: u64) -> std::io::Result<usize> {
 /// earlier message is acknowledged, and it numbers messages in order, so an older entry
 /// with the same id is a different message (which the window keeps from matching when a
 /// device repeats a payload).
-#[derive(Default)]
 pub struct Redeliveries {
-    by_pkid: HashMap<u16, (u64, u64)>,
+    /// Per packet id (the index), the log position and identity of the last message
+    /// logged with it; `NONE` when there was none. A table rather than a hash map: it is
+    /// written for every message, and a broker numbers packets in order, so consecutive
+    /// writes touch neighbouring entries (a hash map scattered them over 3 MB: 6 % of the
+    /// engine's CPU at QoS 1).
+    by_pkid: Box<[(u64, u64)]>,
+}
+
+const NONE: (u64, u64) = (u64::MAX, 0);
+
+impl Default for Redeliveries {
+    fn default() -> Self {
+        Redeliveries {
+            by_pkid: vec![NONE; 1 << 16].into_boxed_slice(),
+        }
+    }
 }
 
 /// How far back (in logged messages) a redelivery is looked for: more than any broker's
@@ -351,19 +364,18 @@ fn identity(topic: &str, payload: &[u8]) -> u64 {
 impl Redeliveries {
     pub fn note(&mut self, seq: u64, pkid: u16, topic: &str, payload: &[u8]) {
         if pkid != 0 {
-            self.by_pkid.insert(pkid, (seq, identity(topic, payload)));
+            self.by_pkid[usize::from(pkid)] = (seq, identity(topic, payload));
         }
     }
 
     /// Whether a message the broker marked DUP is one already logged, `next_seq` being the
     /// log's next position.
     pub fn is_logged(&self, pkid: u16, topic: &str, payload: &[u8], next_seq: u64) -> bool {
-        match self.by_pkid.get(&pkid) {
-            Some((seq, id)) => {
-                next_seq.saturating_sub(*seq) <= REDELIVERY_WINDOW
-                    && *id == identity(topic, payload)
+        match self.by_pkid[usize::from(pkid)] {
+            NONE => false,
+            (seq, id) => {
+                next_seq.saturating_sub(seq) <= REDELIVERY_WINDOW && id == identity(topic, payload)
             }
-            None => false,
         }
     }
 }
