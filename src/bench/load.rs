@@ -8,9 +8,10 @@
 //! for a device answers that device's `k`-th reading: the round-trip latency is taken
 //! from the time that reading was published.
 //!
-//! The same code measures the limits the broker sets, in the same run: a subscriber that
-//! only counts the telemetry (the broker's delivery limit), and [`echo`], which answers
-//! each telemetry message with a fixed command and parses nothing (the round trip's).
+//! The same code measures the limits the broker sets, in the same run, each in a process
+//! of its own: [`count`], a subscriber that only counts the telemetry (the broker's
+//! delivery limit), and [`echo`], which answers each telemetry message with a fixed
+//! command and parses nothing (the round trip's).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -65,8 +66,6 @@ fn splitmix(mut x: u64) -> u64 {
 pub enum Expect {
     /// One message on `<device>/commands` per reading; measures latency.
     Commands,
-    /// The telemetry itself, on `+/telemetry`: the broker's delivery limit.
-    Telemetry,
     /// Nothing over MQTT: the caller watches the system under test (see [`run`]'s `done`).
     Nothing,
 }
@@ -226,34 +225,23 @@ pub async fn run(
             drop(lat_tx);
             None
         }
-        Expect::Telemetry | Expect::Commands => {
-            let filter = if expect == Expect::Commands {
-                "+/commands"
-            } else {
-                "+/telemetry"
-            };
+        Expect::Commands => {
             let (received, last) = (received.clone(), last_received.clone());
             let sent_at = sent_at.clone();
             let prefix = opts.prefix.clone();
             let mut counts = vec![0u32; opts.devices];
-            let mut lat = Vec::with_capacity(if expect == Expect::Commands {
-                total as usize
-            } else {
-                0
-            });
+            let mut lat = Vec::with_capacity(total as usize);
             let mut lat_tx = Some(lat_tx);
             let on_message = move |topic: &str| {
-                if expect == Expect::Commands {
-                    // Answers to anything but the fleet (a readiness probe) are not counted.
-                    let Some(d) = device_of(&prefix, topic).filter(|d| *d < counts.len()) else {
-                        return;
-                    };
-                    let k = counts[d] as usize;
-                    counts[d] += 1;
-                    if k < per_device {
-                        let t0 = sent_at[d * per_device + k].load(Ordering::Relaxed);
-                        lat.push(((nanos() - t0) / 1000).min(u32::MAX as u64) as u32);
-                    }
+                // Answers to anything but the fleet (a readiness probe) are not counted.
+                let Some(d) = device_of(&prefix, topic).filter(|d| *d < counts.len()) else {
+                    return;
+                };
+                let k = counts[d] as usize;
+                counts[d] += 1;
+                if k < per_device {
+                    let t0 = sent_at[d * per_device + k].load(Ordering::Relaxed);
+                    lat.push(((nanos() - t0) / 1000).min(u32::MAX as u64) as u32);
                 }
                 let n = received.fetch_add(1, Ordering::Relaxed) + 1;
                 last.store(nanos(), Ordering::Relaxed);
@@ -269,7 +257,7 @@ pub async fn run(
                     &id,
                     &opts.host,
                     opts.port,
-                    filter,
+                    "+/commands",
                     opts.qos,
                     on_message,
                     stop_rx.clone(),
@@ -456,6 +444,47 @@ pub async fn probe(
         answered,
         "no answer on {device}/commands within {timeout:?}"
     );
+    Ok(())
+}
+
+/// The broker's delivery limit: counts the messages on `+/telemetry`, parsing nothing, in
+/// a process of its own (so that its CPU is its own). Prints `ready` once subscribed and
+/// `done` once `expect` messages have arrived, then runs until `stop`.
+pub async fn count(
+    host: &str,
+    port: u16,
+    q: u8,
+    expect: u64,
+    mut stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let id = format!("bench-count-{}", std::process::id());
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut done_tx = Some(done_tx);
+    let mut n = 0u64;
+    let sub = subscribe(
+        &id,
+        host,
+        port,
+        "+/telemetry",
+        q,
+        move |_| {
+            n += 1;
+            if n == expect
+                && let Some(tx) = done_tx.take()
+            {
+                let _ = tx.send(());
+            }
+        },
+        stop.clone(),
+    )
+    .await?;
+    println!("ready");
+    tokio::select! {
+        r = done_rx => if r.is_ok() { println!("done") },
+        _ = stop.changed() => {},
+    }
+    let _ = stop.changed().await;
+    let _ = sub.await;
     Ok(())
 }
 

@@ -47,6 +47,18 @@ pub enum BenchCommand {
         #[arg(long)]
         shards: Option<usize>,
     },
+    /// The counting subscriber: counts the messages on `+/telemetry`, parsing nothing (the
+    /// broker's delivery limit); prints `ready` once subscribed, `done` after `messages`.
+    Count {
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long)]
+        port: u16,
+        #[arg(long, default_value_t = 1)]
+        qos: u8,
+        #[arg(long)]
+        messages: u64,
+    },
     /// The echo server: answers each `+/telemetry` message with `{"led_on":true}` on
     /// `<device>/commands`, parsing nothing (the round trip's limit).
     Echo {
@@ -130,22 +142,41 @@ impl BenchArgs {
 }
 
 /// Runs `fleetsql bench ...`; the exit code.
+/// Runs a limit's helper process (`echo`, `count`) until SIGINT/SIGTERM; its exit code.
+async fn helper<F>(body: impl FnOnce(tokio::sync::watch::Receiver<bool>) -> F) -> i32
+where
+    F: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        crate::cli::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    match body(stop_rx).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
 pub async fn main(cmd: BenchCommand) -> i32 {
     use scenario::Scenario;
     let (scenario, args) = match cmd {
         BenchCommand::Echo { host, port, qos } => {
-            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-            tokio::spawn(async move {
-                crate::cli::shutdown_signal().await;
-                let _ = stop_tx.send(true);
-            });
-            return match load::echo(&host, port, qos, stop_rx).await {
-                Ok(()) => 0,
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    1
-                }
-            };
+            return helper(|stop| async move { load::echo(&host, port, qos, stop).await }).await;
+        }
+        BenchCommand::Count {
+            host,
+            port,
+            qos,
+            messages,
+        } => {
+            return helper(
+                |stop| async move { load::count(&host, port, qos, messages, stop).await },
+            )
+            .await;
         }
         BenchCommand::Core {
             messages,

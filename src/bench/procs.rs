@@ -53,6 +53,11 @@ impl Proc {
         self.child.as_ref().map_or(0, |c| c.id())
     }
 
+    /// The child's standard output, when it was spawned with `Stdio::piped()`.
+    pub fn take_stdout(&mut self) -> Option<std::process::ChildStdout> {
+        self.child.as_mut()?.stdout.take()
+    }
+
     /// SIGTERM, and wait up to `grace` for the exit (SIGKILL after). Returns the process's
     /// total CPU time and peak memory if it exited successfully on its own.
     pub fn stop(&mut self, grace: Duration) -> Option<Exit> {

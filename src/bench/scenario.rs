@@ -1,7 +1,8 @@
 //! `fleetsql bench <scenario>`: one end-to-end benchmark, side by side with the limits the
 //! broker sets, measured in the same run on the same broker:
 //!
-//! 1. the broker's delivery limit: the fleet flat out, a subscriber that only counts;
+//! 1. the broker's delivery limit: the fleet flat out, a subscriber that only counts
+//!    ([`super::load::count`] in its own process);
 //! 2. for round-trip scenarios, the echo server's limit ([`super::load::echo`] in its own
 //!    process, answering each reading with a fixed command, parsing nothing);
 //! 3. the system under test (`fleetsql run` on the scenario's pipeline, or any command,
@@ -88,8 +89,8 @@ pub struct BenchOptions {
 pub struct Measured {
     pub system: String,
     pub load: LoadReport,
-    /// CPU of the system's process during the load, per message (`None`: not a process
-    /// of ours, e.g. the in-process counting subscriber).
+    /// CPU of the system's process during the load, per message (`None`: unknown, e.g.
+    /// the process was gone before it could be read).
     pub cpu_per_msg: Option<Duration>,
     pub broker_cpu_per_msg: Option<Duration>,
     pub peak_rss: Option<u64>,
@@ -183,22 +184,12 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     load.host = "127.0.0.1".into();
     load.port = broker.port;
     load.payload = opts.scenario.payload();
-    let n = load.total();
 
     // The limits, on the same broker, with the same fleet.
     let delivery_limit = if opts.no_limits || opts.scenario == Scenario::Latency {
         None
     } else {
-        let b0 = procs::cpu_time(broker_pid);
-        let r = load::run(&load, Expect::Telemetry, None).await?;
-        Some(Measured {
-            system: "broker delivery limit (counting subscriber)".into(),
-            broker_cpu_per_msg: per_msg(b0, procs::cpu_time(broker_pid), n),
-            cpu_per_msg: None,
-            peak_rss: None,
-            check: format!("telemetry {}/{}", r.received, n),
-            load: r,
-        })
+        Some(delivery_limit(&load, broker_pid).await?)
     };
     let echo_limit = if opts.no_limits || !opts.scenario.round_trip() {
         None
@@ -280,6 +271,59 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         echo_limit,
         sut,
     })
+}
+
+/// The broker's delivery limit: the fleet flat out to `fleetsql bench count`, a process
+/// of its own that counts what it receives and says `done` once all has arrived.
+async fn delivery_limit(load: &LoadOptions, broker_pid: u32) -> anyhow::Result<Measured> {
+    use std::io::BufRead;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let n = load.total();
+    let mut counter = Proc::spawn(
+        "counting subscriber",
+        Command::new(procs::fleetsql_bin()?)
+            .args(["bench", "count", "--port", &load.port.to_string()])
+            .args(["--qos", &load.qos.to_string()])
+            .args(["--messages", &n.to_string()])
+            .stdout(Stdio::piped()),
+    )?;
+    let stdout = counter
+        .take_stdout()
+        .ok_or_else(|| anyhow::anyhow!("the counting subscriber's output is not piped"))?;
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let done = std::sync::Arc::new(AtomicBool::new(false));
+    let done2 = done.clone();
+    std::thread::spawn(move || {
+        let mut ready_tx = Some(ready_tx);
+        for line in std::io::BufReader::new(stdout).lines() {
+            match line.as_deref() {
+                Ok("ready") => {
+                    ready_tx.take().map(|tx| tx.send(()));
+                }
+                Ok("done") => done2.store(true, Ordering::Relaxed),
+                _ => {}
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(20), ready_rx)
+        .await
+        .map_err(|_| anyhow::anyhow!("the counting subscriber did not subscribe within 20 s"))?
+        .map_err(|_| anyhow::anyhow!("the counting subscriber exited before subscribing"))?;
+    let measured = measure(
+        &mut counter,
+        broker_pid,
+        load,
+        Expect::Nothing,
+        Some(Box::new(move || done.load(Ordering::Relaxed))),
+        "broker delivery limit (counting subscriber)",
+    )
+    .await?;
+    counter.stop(Duration::from_secs(5));
+    let mut m = measured?;
+    // `done` came: the counter received all of them.
+    m.load.received = n;
+    m.check = format!("telemetry {n}/{n}");
+    Ok(m)
 }
 
 /// Runs the load against a started process and measures it. The outer error is the

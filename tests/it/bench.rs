@@ -133,6 +133,10 @@ fn bench_scenarios_smoke() {
             "{s:?}: the limit's run is complete"
         );
         assert!(report.ratio().is_some_and(|r| r > 0.0), "{s:?}: ratio");
+        assert!(
+            limit.cpu_per_msg.is_some_and(|c| c > Duration::ZERO),
+            "{s:?}: the limit's process CPU"
+        );
         if s == Scenario::Nightlight || s == Scenario::Latency {
             assert_eq!(
                 report.sut.load.received, messages,
