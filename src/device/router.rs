@@ -1,8 +1,9 @@
 //! Shard routers: device id -> actor, the shard's row buffer, periodic flushes to the engine,
 //! and retirement of idle devices.
 
+use hashbrown::HashMap;
+use hashbrown::hash_map::EntryRef;
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -290,20 +291,21 @@ impl ShardRouter {
 
     /// The device's entry, created with its actor on its first message.
     fn entry(&mut self, id: &str, status: impl FnOnce(&Arc<str>) -> Status) -> &mut Entry {
-        if !self.devices.contains_key(id) {
-            let id: Arc<str> = Arc::from(id);
-            let actor = DeviceActor::new(id.clone(), self.buffer.clone(), self.metrics.clone());
-            let presence = status(&id);
-            self.devices.insert(
-                id,
-                Entry {
+        // One lookup per reading (this runs for every one): hashbrown's entry_ref finds
+        // by &str and only allocates the key when the device is new.
+        match self.devices.entry_ref(id) {
+            EntryRef::Occupied(e) => e.into_mut(),
+            EntryRef::Vacant(v) => {
+                let id: Arc<str> = Arc::from(id);
+                let actor = DeviceActor::new(id.clone(), self.buffer.clone(), self.metrics.clone());
+                let presence = status(&id);
+                v.insert(Entry {
                     addr: actor.start(),
                     last_seen: Instant::now(),
                     presence,
-                },
-            );
+                })
+            }
         }
-        self.devices.get_mut(id).expect("inserted above")
     }
 }
 
