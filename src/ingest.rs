@@ -280,8 +280,14 @@ async fn ack_all(client: &AsyncClient, acks: &[Publish]) {
     }
 }
 
-/// The shortest time between two fsyncs of the log (see `sync`).
+/// The shortest time between two fsyncs of the log while acknowledgements wait for them
+/// (see `sync`).
 const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(2);
+
+/// The same when nothing waits but the log itself: QoS 0 messages, which the broker does
+/// not keep and nobody acknowledges. A power cut can lose the last this-much of them (as
+/// it could lose them in the network or the broker); checkpoints wait at most this long.
+const UNACKED_SYNC_INTERVAL: Duration = Duration::from_millis(10);
 
 /// Forces appended messages to disk (with `--fsync always`), as many batches per fsync as
 /// have queued up meanwhile (group commit), then acknowledges them to the broker in order
@@ -299,12 +305,28 @@ async fn sync(
     while rx.recv_many(&mut group, 4096).await > 0 {
         // At most one fsync per interval: its CPU (the kernel's writeback) is paid per
         // call, and nothing but the broker's acknowledgements waits for it. Batches that
-        // arrive meanwhile join this one.
-        let due = last + MIN_SYNC_INTERVAL;
-        if tokio::time::Instant::now() < due {
-            tokio::time::sleep_until(due).await;
-            while let Ok(u) = rx.try_recv() {
-                group.push(u);
+        // arrive meanwhile join this one; one with acknowledgements shortens the wait.
+        loop {
+            let acks_wait = group.iter().any(|u| !u.acks.is_empty());
+            let due = last
+                + if acks_wait {
+                    MIN_SYNC_INTERVAL
+                } else {
+                    UNACKED_SYNC_INTERVAL
+                };
+            if tokio::time::Instant::now() >= due {
+                break;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep_until(due) => {
+                    while let Ok(u) = rx.try_recv() {
+                        group.push(u);
+                    }
+                    break;
+                }
+                n = rx.recv_many(&mut group, 4096) => if n == 0 {
+                    break;
+                },
             }
         }
         last = tokio::time::Instant::now();
