@@ -50,25 +50,28 @@ pub enum BenchCommand {
     /// The counting subscriber: counts the messages on `+/telemetry`, parsing nothing (the
     /// broker's delivery limit); prints `ready` once subscribed, `done` after `messages`.
     Count {
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long)]
-        port: u16,
-        #[arg(long, default_value_t = 1)]
-        qos: u8,
+        #[command(flatten)]
+        broker: HelperBroker,
         #[arg(long)]
         messages: u64,
     },
     /// The echo server: answers each `+/telemetry` message with `{"led_on":true}` on
     /// `<device>/commands`, parsing nothing (the round trip's limit).
     Echo {
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        #[arg(long)]
-        port: u16,
-        #[arg(long, default_value_t = 1)]
-        qos: u8,
+        #[command(flatten)]
+        broker: HelperBroker,
     },
+}
+
+/// Where a limit's helper process (`count`, `echo`) connects, and at which QoS.
+#[derive(clap::Args, Debug, Clone)]
+pub struct HelperBroker {
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    #[arg(long)]
+    port: u16,
+    #[arg(long, default_value_t = 1)]
+    qos: u8,
 }
 
 #[derive(clap::Args, Debug, Clone)]
@@ -164,18 +167,17 @@ where
 pub async fn main(cmd: BenchCommand) -> i32 {
     use scenario::Scenario;
     let (scenario, args) = match cmd {
-        BenchCommand::Echo { host, port, qos } => {
-            return helper(|stop| async move { load::echo(&host, port, qos, stop).await }).await;
+        BenchCommand::Echo { broker: b } => {
+            return helper(|stop| async move { load::echo(&b.host, b.port, b.qos, stop).await })
+                .await;
         }
         BenchCommand::Count {
-            host,
-            port,
-            qos,
+            broker: b,
             messages,
         } => {
-            return helper(
-                |stop| async move { load::count(&host, port, qos, messages, stop).await },
-            )
+            return helper(|stop| async move {
+                load::count(&b.host, b.port, b.qos, messages, stop).await
+            })
             .await;
         }
         BenchCommand::Core {
