@@ -191,6 +191,26 @@ async fn subscribe(
     }))
 }
 
+/// Drives a publishing client's event loop on its own task (it writes what `publish`
+/// queues; rumqttc reconnects on the next poll after an error) until `stop`.
+fn drive(
+    mut ev: rumqttc::EventLoop,
+    mut stop: watch::Receiver<bool>,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                e = ev.poll() => if let Err(e) = e {
+                    tracing::warn!("{what} connection: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                },
+                _ = stop.changed() => break,
+            }
+        }
+    })
+}
+
 /// Device index of a topic `<prefix><digits>/...`.
 fn device_of(prefix: &str, topic: &str) -> Option<usize> {
     let rest = topic.strip_prefix(prefix)?;
@@ -279,20 +299,8 @@ pub async fn run(
             .map(|d| format!("{}/telemetry", opts.device_id(*d)))
             .collect();
         let id = format!("bench-pub-{}-{c}", std::process::id());
-        let (client, mut ev) = crate::mqtt::client(options(&id, &opts.host, opts.port), 10_000);
-        let mut stop = stop_rx.clone();
-        // The event loop on its own task: it writes what `publish` queues.
-        let poller = tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    e = ev.poll() => if let Err(e) = e {
-                        tracing::warn!("publisher connection: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    },
-                    _ = stop.changed() => break,
-                }
-            }
-        });
+        let (client, ev) = crate::mqtt::client(options(&id, &opts.host, opts.port), 10_000);
+        let poller = drive(ev, stop_rx.clone(), "publisher");
         let (payload, q) = (opts.payload, qos(opts.qos));
         let interval = opts.rate.map(|r| Duration::from_secs_f64(conns as f64 / r));
         let (sent_at, first, last) = (sent_at.clone(), first_sent.clone(), last_sent.clone());
@@ -407,16 +415,8 @@ pub async fn probe(
         stop_rx.clone(),
     )
     .await?;
-    let (client, mut ev) = crate::mqtt::client(options(&format!("{id}-pub"), host, port), 10);
-    let poller = tokio::spawn(async move {
-        let mut stop = stop_rx;
-        loop {
-            tokio::select! {
-                e = ev.poll() => if e.is_err() { tokio::time::sleep(Duration::from_millis(50)).await },
-                _ = stop.changed() => break,
-            }
-        }
-    });
+    let (client, ev) = crate::mqtt::client(options(&format!("{id}-pub"), host, port), 10);
+    let poller = drive(ev, stop_rx, "probe publisher");
     let deadline = Instant::now() + timeout;
     let mut answered = false;
     // Resend until answered: a system still subscribing misses the first ones.
@@ -493,19 +493,8 @@ pub async fn count(
 /// subscribes, another publishes, as the engine does.
 pub async fn echo(host: &str, port: u16, q: u8, stop: watch::Receiver<bool>) -> anyhow::Result<()> {
     let id = format!("bench-echo-{}", std::process::id());
-    let (client, mut ev) = crate::mqtt::client(options(&format!("{id}-pub"), host, port), 10_000);
-    let mut stop2 = stop.clone();
-    let poller = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                e = ev.poll() => if let Err(e) = e {
-                    tracing::warn!("echo publisher connection: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                },
-                _ = stop2.changed() => break,
-            }
-        }
-    });
+    let (client, ev) = crate::mqtt::client(options(&format!("{id}-pub"), host, port), 10_000);
+    let poller = drive(ev, stop.clone(), "echo publisher");
     // Unbounded: the subscriber's event loop must never block, and the publisher keeps
     // up with it (what waits here is what the broker would otherwise queue).
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
