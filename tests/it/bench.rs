@@ -178,3 +178,33 @@ fn bench_scenarios_smoke() {
         "every reading in a window's count"
     );
 }
+
+/// The CPU clock of another process counts below a scheduler tick: a child that
+/// spins for 2 ms reads as more than zero and less than a second, and a process
+/// that is gone reads as nothing.
+#[test]
+fn cpu_time_of_a_child_is_finer_than_a_tick() {
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg("read line")
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("sh");
+    let pid = child.id();
+    let before = fleetsql::bench::procs::cpu_time(pid).expect("a running child has a CPU clock");
+    assert!(before < Duration::from_secs(1), "{before:?}");
+    drop(child.stdin.take());
+    child.wait().unwrap();
+    assert_eq!(
+        fleetsql::bench::procs::cpu_time(pid),
+        None,
+        "a reaped child has no clock"
+    );
+    // Our own process has run for well over a tick's worth of nanoseconds by now,
+    // and the figure is not rounded to whole ticks.
+    let me = fleetsql::bench::procs::cpu_time(std::process::id()).unwrap();
+    assert!(
+        me > Duration::ZERO && me.subsec_nanos() % 1_000_000 != 0,
+        "{me:?}"
+    );
+}
