@@ -376,6 +376,8 @@ pub struct Router {
     /// Log position of the first message routed.
     pub position: u64,
     pub checkpoint_interval: Duration,
+    /// When to hold a small batch for the readings that follow.
+    pub linger: Linger,
     /// Payload bytes handed to the shards since they last flushed.
     pub unflushed: usize,
     /// The log position up to which messages are on disk (`None`: not logged, e.g. the
@@ -406,6 +408,7 @@ impl Router {
                     if n == 0 {
                         return Ok(self.position);
                     }
+                    self.linger.fill(&mut rx, &mut buf).await;
                     self.route(&hasher, std::mem::take(&mut buf)).await;
                 }
                 _ = tokio::time::sleep_until(next) => {
@@ -554,6 +557,78 @@ impl Router {
         if self.unflushed >= self.backlog.limit() {
             crate::device::flush_shards(&self.shards).await;
             self.unflushed = 0;
+        }
+    }
+}
+
+/// Under load, the topic router waits a little for a small batch to grow before routing it.
+///
+/// Every batch routed costs the same fixed work whatever its size: a wake-up of each shard
+/// thread, a hand-over to the pipeline runner and a run of its SQL, a write to the broker
+/// for the commands. At tens of thousands of readings a second the broker delivers in
+/// bursts of a few dozen, and that fixed work was a fifth of the engine's CPU (nightlight
+/// at QoS 0, docs/benchmarks.md). At low rates the wait would be pure latency, and the CPU
+/// it saves is small in absolute terms, so the router holds batches only while the rate
+/// it measures over the last 100 ms is above `BUSY_RATE`. Only for QoS 0 subscriptions (see
+/// where the engine builds the router).
+pub struct Linger {
+    max_wait: Duration,
+    /// Start of the current measurement window and the readings routed in it.
+    window_start: tokio::time::Instant,
+    in_window: u64,
+    /// The last full window's rate was above `BUSY_RATE`.
+    busy: bool,
+}
+
+impl Linger {
+    /// `fleetsql run --linger`'s default: tokio's timers tick every millisecond, so this
+    /// is the shortest wait there is (up to 2 ms in practice).
+    pub const DEFAULT: Duration = Duration::from_millis(1);
+    /// Readings per second above which batches are held.
+    pub const BUSY_RATE: f64 = 20_000.0;
+    /// A batch this large goes on at once.
+    pub const ENOUGH: usize = 256;
+    /// How long the rate is measured over.
+    pub const WINDOW: Duration = Duration::from_millis(100);
+
+    /// Whether the last full window's rate was above `BUSY_RATE`.
+    pub fn is_busy(&self) -> bool {
+        self.busy
+    }
+
+    pub fn new(max_wait: Duration) -> Self {
+        Linger {
+            max_wait,
+            window_start: tokio::time::Instant::now(),
+            in_window: 0,
+            busy: false,
+        }
+    }
+
+    /// Adds to `buf` what arrives on `rx` until it holds `ENOUGH` readings or `max_wait`
+    /// has passed, if the router is busy; and counts what `buf` then holds towards the
+    /// rate.
+    pub async fn fill<T>(&mut self, rx: &mut mpsc::Receiver<T>, buf: &mut Vec<T>) {
+        let now = tokio::time::Instant::now();
+        // A window that ended long ago (the fleet went quiet) says nothing about now.
+        let busy = self.busy && now - self.window_start < 2 * Self::WINDOW;
+        if busy && !self.max_wait.is_zero() && buf.len() < Self::ENOUGH {
+            let until = now + self.max_wait;
+            while buf.len() < Self::ENOUGH {
+                tokio::select! {
+                    biased;
+                    n = rx.recv_many(buf, 4096) => if n == 0 { break },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
+            }
+        }
+        self.in_window += buf.len() as u64;
+        let now = tokio::time::Instant::now();
+        let elapsed = now - self.window_start;
+        if elapsed >= Self::WINDOW {
+            self.busy = self.in_window as f64 / elapsed.as_secs_f64() >= Self::BUSY_RATE;
+            self.window_start = now;
+            self.in_window = 0;
         }
     }
 }

@@ -74,6 +74,9 @@ pub struct EngineConfig {
     pub shards: usize,
     /// Bytes of decoded rows that may wait for the pipeline runner before ingest pauses.
     pub max_backlog: usize,
+    /// Under load, how long the topic router may hold a small batch of readings to send
+    /// it on with the readings that follow (see `ingest::Linger`); zero: never.
+    pub linger: Duration,
     /// When the write-ahead log is forced to disk.
     pub fsync: crate::durable::wal::Fsync,
     /// On stop, close every open window (their results are then final) rather than keep
@@ -107,6 +110,7 @@ impl EngineConfig {
             },
             shards: 2,
             max_backlog: 64 << 20,
+            linger: crate::ingest::Linger::DEFAULT,
             fsync: crate::durable::wal::Fsync::Always,
             drain_on_stop: false,
         })
@@ -276,6 +280,14 @@ pub async fn run_with(
         metrics: metrics.clone(),
         position: wal.next_seq - replay.len() as u64,
         checkpoint_interval: cfg.roll.max_age,
+        // At QoS 1 the broker paces delivery itself, in bursts of up to its in-flight
+        // window per round of acknowledgements, and holding batches there cost the
+        // filter benchmark a fifth of its rate (docs/benchmarks.md): QoS 0 only.
+        linger: crate::ingest::Linger::new(if qos.iter().all(|&q| q == 0) {
+            cfg.linger
+        } else {
+            Duration::ZERO
+        }),
         unflushed: 0,
         durable: None,
     };

@@ -13,6 +13,7 @@ mod end_to_end;
 mod event_time;
 mod examples;
 mod golden;
+mod ingest;
 mod nab;
 mod pipeline;
 mod reload;
