@@ -110,11 +110,12 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 64 << 20)]
     pub max_backlog_bytes: usize,
     /// With QoS 0 sources above 20,000 readings/s, group readings for up to this long
-    /// before they go to the device shards, so each hop (shards, SQL, command sink) runs
-    /// once for many: a quarter less CPU per reading for a command pipeline, for up to
-    /// twice this much more latency. Below that rate, and at QoS 1, every reading goes on
-    /// at once. `0` turns grouping off.
-    #[arg(long, default_value = "1ms", value_parser = duration)]
+    /// (e.g. `1ms`) before they go to the device shards, so each hop (shards, SQL,
+    /// command sink) runs once for many: a fifth to a quarter less CPU per reading for a
+    /// command pipeline near the box's limit, at a cost in latency (p50 1 → 4 ms at 40k
+    /// readings/s; see docs/benchmarks.md). Below that rate, and at QoS 1, every reading
+    /// goes on at once. Off by default.
+    #[arg(long, default_value = "0s", value_parser = duration)]
     pub linger: Duration,
     /// Reload the pipeline when a pipeline file changes (SIGHUP always reloads). Queries
     /// that did not change keep their window state; a file with errors is refused and the

@@ -561,7 +561,8 @@ impl Router {
     }
 }
 
-/// Under load, the topic router waits a little for a small batch to grow before routing it.
+/// Under load (and with `fleetsql run --linger`), the topic router waits a little for a
+/// small batch to grow before routing it.
 ///
 /// Every batch routed costs the same fixed work whatever its size: a wake-up of each shard
 /// thread, a hand-over to the pipeline runner and a run of its SQL, a write to the broker
@@ -581,9 +582,12 @@ pub struct Linger {
 }
 
 impl Linger {
-    /// `fleetsql run --linger`'s default: tokio's timers tick every millisecond, so this
-    /// is the shortest wait there is (up to 2 ms in practice).
-    pub const DEFAULT: Duration = Duration::from_millis(1);
+    /// `fleetsql run --linger`'s default: off. Measured at 40k msg/s (QoS 0, nightlight),
+    /// 1 ms saved a fifth of the CPU per reading but took p50 latency from 1.0 to 4.0 ms
+    /// and p99 from 14 to 36 ms (docs/benchmarks.md): latency is what most pipelines
+    /// that send commands want. tokio's timers tick every millisecond, so any wait is
+    /// 1-2 ms in practice.
+    pub const DEFAULT: Duration = Duration::ZERO;
     /// Readings per second above which batches are held.
     pub const BUSY_RATE: f64 = 20_000.0;
     /// A batch this large goes on at once.
