@@ -376,8 +376,9 @@ pub struct Router {
     /// Log position of the first message routed.
     pub position: u64,
     pub checkpoint_interval: Duration,
-    /// When to hold a small batch for the readings that follow.
-    pub linger: Linger,
+    /// When to hold a small batch for the readings that follow; `None` (the default):
+    /// never, and the routing loop carries no rate bookkeeping.
+    pub linger: Option<Linger>,
     /// Payload bytes handed to the shards since they last flushed.
     pub unflushed: usize,
     /// The log position up to which messages are on disk (`None`: not logged, e.g. the
@@ -408,7 +409,9 @@ impl Router {
                     if n == 0 {
                         return Ok(self.position);
                     }
-                    self.linger.fill(&mut rx, &mut buf).await;
+                    if let Some(linger) = &mut self.linger {
+                        linger.fill(&mut rx, &mut buf).await;
+                    }
                     self.route(&hasher, std::mem::take(&mut buf)).await;
                 }
                 _ = tokio::time::sleep_until(next) => {

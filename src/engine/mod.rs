@@ -283,11 +283,8 @@ pub async fn run_with(
         // At QoS 1 the broker paces delivery itself, in bursts of up to its in-flight
         // window per round of acknowledgements, and holding batches there cost the
         // filter benchmark a fifth of its rate (docs/benchmarks.md): QoS 0 only.
-        linger: crate::ingest::Linger::new(if qos.iter().all(|&q| q == 0) {
-            cfg.linger
-        } else {
-            Duration::ZERO
-        }),
+        linger: (qos.iter().all(|&q| q == 0) && !cfg.linger.is_zero())
+            .then(|| crate::ingest::Linger::new(cfg.linger)),
         unflushed: 0,
         durable: None,
     };
