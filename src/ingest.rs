@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::decode::{DeadLetter, Message, SourceShape, reason};
 use crate::device::{Ingest, Kind, Reading, ShardRouter};
-use crate::durable::wal::{Redeliveries, Wal};
+use crate::durable::wal::{Pending, Redeliveries, Wal};
 use crate::engine::EngineEvent;
 use crate::engine::backlog::Backlog;
 use crate::metrics::Metrics;
@@ -182,68 +182,70 @@ pub async fn run(
     routed.map_err(anyhow::Error::msg)
 }
 
-/// The log task: appends each batch of messages to the log and hands them to the router;
-/// they are acknowledged once on disk (by the syncer, with `--fsync always`), and
-/// `durable` follows the position up to which they are. A failed write or fsync stops
-/// ingest: nothing more is acknowledged.
+/// The log task: appends each batch of messages to the log's pending part and hands them
+/// to the router; the syncer writes them to the log and forces them to disk (with
+/// `--fsync always`), then acknowledges them, and `durable` follows the position up to
+/// which they are on disk. A failed write or fsync stops ingest: nothing more is
+/// acknowledged.
 async fn log(
     mut rx: mpsc::Receiver<Incoming>,
-    mut wal: Wal,
+    wal: Wal,
     mut redeliveries: Redeliveries,
     client: AsyncClient,
     out: mpsc::Sender<Message>,
     durable: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
+    // Positions are given here, in the order the syncer writes the messages.
+    let mut next_seq = wal.next_seq();
+    let pending = Arc::new(std::sync::Mutex::new(Pending::default()));
     let (to_sync, unsynced) = mpsc::unbounded_channel();
-    let syncer = tokio::spawn(sync(unsynced, client.clone(), durable, metrics.clone()));
+    let mut syncer = tokio::spawn(sync(
+        unsynced,
+        wal,
+        pending.clone(),
+        client.clone(),
+        durable,
+        metrics.clone(),
+    ));
     let mut buf = Vec::with_capacity(1024);
-    'batches: while rx.recv_many(&mut buf, 1024).await > 0 {
+    'batches: loop {
+        let n = tokio::select! {
+            n = rx.recv_many(&mut buf, 1024) => n,
+            // The syncer stops before this task only on an error (a failed write or
+            // fsync). Nothing is acknowledged after it, so the broker may send nothing
+            // more: waiting for the next message to notice could be waiting forever.
+            stopped = &mut syncer => return stopped?,
+        };
+        if n == 0 {
+            break;
+        }
         let mut acks = Vec::with_capacity(buf.len());
         let mut fresh = Vec::with_capacity(buf.len());
         for inc in buf.drain(..) {
             acks.extend(inc.ack);
             if inc.dup
-                && redeliveries.is_logged(
-                    inc.pkid,
-                    &inc.msg.topic,
-                    &inc.msg.payload,
-                    wal.next_seq(),
-                )
+                && redeliveries.is_logged(inc.pkid, &inc.msg.topic, &inc.msg.payload, next_seq)
             {
                 metrics.redeliveries.inc();
                 continue;
             }
             fresh.push((inc.msg, inc.pkid));
         }
-        let written = wal.append(&fresh);
-        let first = match written {
-            Ok(first) => first,
-            Err(e) => {
-                metrics.wal_errors.inc();
-                anyhow::bail!(
-                    "cannot write the write-ahead log: {e}. Stopped taking messages: nothing \
-                     after the last message logged was acknowledged, and the broker keeps it \
-                     (free the disk, then start again)"
-                );
-            }
-        };
-        metrics.wal_messages.inc_by(fresh.len() as u64);
+        let first = next_seq;
+        lock(&pending).append(first, &fresh);
+        next_seq += fresh.len() as u64;
         for (i, (m, pkid)) in fresh.iter().enumerate() {
             redeliveries.note(first + i as u64, *pkid, &m.topic, &m.payload);
         }
-        let end = first + fresh.len() as u64;
-        // Acknowledged by the syncer, in order and grouped: with fsync once on disk,
-        // without once written (grouping the acks is what makes the broker cheap to
-        // feed: one burst of PUBACKs per interval instead of one per batch).
-        let file = match wal.new_segment_handle() {
-            Ok(f) => f,
-            Err(e) => {
-                metrics.wal_errors.inc();
-                anyhow::bail!("cannot sync the write-ahead log: {e}");
-            }
+        // Written and acknowledged by the syncer, in order and grouped: with fsync once
+        // on disk, without once written (grouping the acks is what makes the broker cheap
+        // to feed: one burst of PUBACKs per interval instead of one per batch).
+        let unsynced = Unsynced {
+            end: next_seq,
+            acks,
         };
-        if to_sync.send(Unsynced { end, file, acks }).is_err() {
+        if to_sync.send(unsynced).is_err() {
             // The syncer failed and said why; its error is returned below.
             break 'batches;
         }
@@ -262,13 +264,15 @@ async fn log(
     syncer.await?
 }
 
-/// Messages appended to the log and not yet forced to disk.
+fn lock(pending: &std::sync::Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    // Appending and taking cannot panic half-way; a poisoned lock still holds whole batches.
+    pending.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Messages appended to the log's pending part and not yet on disk.
 struct Unsynced {
     /// The log position after them.
     end: u64,
-    /// The segment they are in, when it is new (with `--fsync always`): the syncer
-    /// syncs the newest segment it was given.
-    file: Option<std::fs::File>,
     acks: Vec<Publish>,
 }
 
@@ -280,32 +284,36 @@ async fn ack_all(client: &AsyncClient, acks: &[Publish]) {
     }
 }
 
-/// The shortest time between two fsyncs of the log while acknowledgements wait for them
+/// The shortest time between two syncs of the log while acknowledgements wait for them
 /// (see `sync`).
 const MIN_SYNC_INTERVAL: Duration = Duration::from_millis(2);
 
 /// The same when nothing waits but the log itself: QoS 0 messages, which the broker does
-/// not keep and nobody acknowledges. A power cut can lose the last this-much of them (as
-/// it could lose them in the network or the broker); checkpoints wait at most this long.
+/// not keep and nobody acknowledges. A crash of the engine or of the machine can lose the
+/// last this-much of them (as it could lose them in the network or the broker);
+/// checkpoints wait at most this long.
 const UNACKED_SYNC_INTERVAL: Duration = Duration::from_millis(10);
 
-/// Forces appended messages to disk (with `--fsync always`), as many batches per fsync as
-/// have queued up meanwhile (group commit), then acknowledges them to the broker in order
-/// and moves the durable position on.
+/// Writes what the log task appended and forces it to disk (with `--fsync always`), as
+/// many batches per sync as have queued up meanwhile (group commit), then acknowledges
+/// them to the broker in order and moves the durable position on.
 async fn sync(
     mut rx: mpsc::UnboundedReceiver<Unsynced>,
+    wal: Wal,
+    pending: Arc<std::sync::Mutex<Pending>>,
     client: AsyncClient,
     durable: watch::Sender<u64>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<()> {
     let mut group: Vec<Unsynced> = Vec::new();
-    // The open segment (only ever set with `--fsync always`).
-    let mut segment: Option<Arc<std::fs::File>> = None;
+    // Lent to the blocking thread for each sync.
+    let mut wal = Some(wal);
     let mut last = tokio::time::Instant::now();
     while rx.recv_many(&mut group, 4096).await > 0 {
-        // At most one fsync per interval: its CPU (the kernel's writeback) is paid per
-        // call, and nothing but the broker's acknowledgements waits for it. Batches that
-        // arrive meanwhile join this one; one with acknowledgements shortens the wait.
+        // At most one sync per interval: a write and an fsync cost the same whatever
+        // they carry, and nothing but the broker's acknowledgements waits for them.
+        // Batches that arrive meanwhile join this one; one with acknowledgements shortens
+        // the wait.
         loop {
             let acks_wait = group.iter().any(|u| !u.acks.is_empty());
             let due = last
@@ -330,20 +338,32 @@ async fn sync(
             }
         }
         last = tokio::time::Instant::now();
-        // Batches are in log order: the newest segment holds the newest appends (older
-        // segments were synced when they were closed).
-        for u in group.iter_mut() {
-            if let Some(f) = u.file.take() {
-                segment = Some(Arc::new(f));
-            }
-        }
-        if let Some(file) = segment.clone() {
-            let synced = tokio::task::spawn_blocking(move || file.sync_data()).await?;
-            if let Err(e) = synced {
+        // Every batch of the group was appended before it was sent here.
+        let batch = lock(&pending).take();
+        let Some(mut log) = wal.take() else {
+            anyhow::bail!("the write-ahead log was lost by a failed sync");
+        };
+        let (log, written) = tokio::task::spawn_blocking(move || {
+            let written = match &batch {
+                Some(b) => log.write(b).map(|()| b.num_rows()),
+                None => Ok(0),
+            };
+            let synced = match written {
+                Ok(n) => log.sync().map(|()| n).map_err(|e| ("force", " to disk", e)),
+                Err(e) => Err(("write", "", e)),
+            };
+            (log, synced)
+        })
+        .await?;
+        wal = Some(log);
+        match written {
+            Ok(n) => metrics.wal_messages.inc_by(n as u64),
+            Err((verb, where_, e)) => {
                 metrics.wal_errors.inc();
                 anyhow::bail!(
-                    "cannot force the write-ahead log to disk: {e}. Stopped acknowledging: \
-                     the broker keeps every message not acknowledged"
+                    "cannot {verb} the write-ahead log{where_}: {e}. Stopped taking messages: \
+                     nothing after the last message logged was acknowledged, and the broker \
+                     keeps it (free the disk, then start again)"
                 );
             }
         }
