@@ -111,10 +111,11 @@ pub struct RunArgs {
     pub max_backlog_bytes: usize,
     /// With QoS 0 sources above 20,000 readings/s, group readings for up to this long
     /// (e.g. `1ms`) before they go to the device shards, so each hop (shards, SQL,
-    /// command sink) runs once for many: a fifth to a quarter less CPU per reading for a
-    /// command pipeline near the box's limit, at a cost in latency (p50 1 → 4 ms at 40k
-    /// readings/s; see docs/benchmarks.md). Below that rate, and at QoS 1, every reading
-    /// goes on at once. Off by default.
+    /// command sink) runs once for many. It costs about 2 ms of latency (p50 0.9 → 3 ms
+    /// at 25k readings/s) and saved a third of the CPU per reading at that rate; flat out,
+    /// since the log writes once per sync, the saving is within the noise (see
+    /// docs/benchmarks.md). Below that rate, and at QoS 1, every reading goes on at once.
+    /// Off by default.
     #[arg(long, default_value = "0s", value_parser = duration)]
     pub linger: Duration,
     /// Reload the pipeline when a pipeline file changes (SIGHUP always reloads). Queries

@@ -605,11 +605,11 @@ pub struct Linger {
 }
 
 impl Linger {
-    /// `fleetsql run --linger`'s default: off. Measured at 40k msg/s (QoS 0, nightlight),
-    /// 1 ms saved a fifth of the CPU per reading but took p50 latency from 1.0 to 4.0 ms
-    /// and p99 from 14 to 36 ms (docs/benchmarks.md): latency is what most pipelines
-    /// that send commands want. tokio's timers tick every millisecond, so any wait is
-    /// 1-2 ms in practice.
+    /// `fleetsql run --linger`'s default: off. Measured at 25k msg/s (QoS 0, nightlight),
+    /// 1 ms saved a third of the CPU per reading but took p50 latency from 0.9 to 3 ms
+    /// (docs/benchmarks.md, fifth round), and flat out its saving is now within the
+    /// noise: latency is what most pipelines that send commands want. tokio's timers
+    /// tick every millisecond, so any wait is 1-2 ms in practice.
     pub const DEFAULT: Duration = Duration::ZERO;
     /// Readings per second above which batches are held.
     pub const BUSY_RATE: f64 = 20_000.0;
