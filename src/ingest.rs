@@ -344,9 +344,10 @@ async fn sync(
             anyhow::bail!("the write-ahead log was lost by a failed sync");
         };
         let (log, written) = tokio::task::spawn_blocking(move || {
-            let written = match &batch {
-                Some(b) => log.write(b).map(|()| b.num_rows()),
-                None => Ok(0),
+            let written = match batch {
+                Ok(Some(b)) => log.write(&b).map(|()| b.num_rows()),
+                Ok(None) => Ok(0),
+                Err(e) => Err(e),
             };
             let synced = match written {
                 Ok(n) => log.sync().map(|()| n).map_err(|e| ("force", " to disk", e)),

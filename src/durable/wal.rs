@@ -124,9 +124,9 @@ impl Pending {
     }
 
     /// Everything appended since the last call, as one batch; `None` when nothing was.
-    pub fn take(&mut self) -> Option<RecordBatch> {
+    pub fn take(&mut self) -> std::io::Result<Option<RecordBatch>> {
         if self.seq.is_empty() {
-            return None;
+            return Ok(None);
         }
         let columns: Vec<ArrayRef> = vec![
             Arc::new(self.seq.finish()),
@@ -135,8 +135,9 @@ impl Pending {
             Arc::new(self.payload.finish()),
             Arc::new(self.pkid.finish()),
         ];
-        // The columns match the schema by construction; a mismatch would be a bug here.
-        RecordBatch::try_new(schema(), columns).ok()
+        RecordBatch::try_new(schema(), columns)
+            .map(Some)
+            .map_err(io)
     }
 }
 
@@ -163,27 +164,26 @@ impl Wal {
         }
     }
 
-    /// The position after the last message written (or, before any, the one it opened at).
+    /// The position after everything the log held when it was opened: where the log task
+    /// numbers on from.
     pub fn next_seq(&self) -> u64 {
         self.next_seq
     }
 
     /// Writes a batch of [`Pending::take`] to the operating system (not forced to disk:
-    /// see [`Wal::sync`]), in one write when it fits the buffer. On an error nothing of the batch may be counted as logged, and
-    /// the segment is abandoned (a later write starts a new one).
+    /// see [`Wal::sync`]), in one write when it fits the buffer. On an error the segment
+    /// is abandoned (a later write starts a new one); ingest stops on it anyway.
     pub fn write(&mut self, batch: &RecordBatch) -> std::io::Result<()> {
-        let seqs = batch
-            .column(0)
-            .as_primitive::<datafusion::arrow::datatypes::UInt64Type>();
-        let (Some(first), Some(last)) =
-            (seqs.iter().next().flatten(), seqs.iter().last().flatten())
-        else {
+        if batch.num_rows() == 0 {
             return Ok(());
-        };
+        }
+        let first = batch
+            .column(0)
+            .as_primitive::<datafusion::arrow::datatypes::UInt64Type>()
+            .value(0);
         let result = self.write_at(first, batch);
-        match &result {
-            Ok(()) => self.next_seq = last + 1,
-            Err(_) => self.segment = None,
+        if result.is_err() {
+            self.segment = None;
         }
         result
     }
