@@ -2,6 +2,10 @@
 //! before the engine acknowledges it. A message acknowledged is a message on disk; after a
 //! crash the engine replays the log from its last checkpoint.
 //!
+//! Two sides: the ingest log task numbers messages and appends them to [`Pending`] (memory
+//! only); the syncer takes them out once per sync, writes them ([`Wal::write`]), forces
+//! them to disk ([`Wal::sync`]) and only then acknowledges them.
+//!
 //! Layout: `<data-dir>/.wal/<first seq, 20 digits>.arrows`, each an Arrow IPC stream of
 //! batches `(seq, received_at, topic, payload, pkid)` (pyarrow reads them with
 //! `pyarrow.ipc.open_stream`). A segment is never appended to after a restart, so a write
