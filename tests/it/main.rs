@@ -14,6 +14,7 @@ mod event_time;
 mod examples;
 mod golden;
 mod ingest;
+mod models;
 mod nab;
 mod pipeline;
 mod reload;

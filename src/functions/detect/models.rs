@@ -547,7 +547,8 @@ pub fn mean_sd(values: impl Iterator<Item = f64> + Clone) -> (f64, f64) {
     (mean, (ss / (n - 1) as f64).sqrt())
 }
 
-fn median(v: &mut [f64]) -> f64 {
+/// The median (of an even count, the mean of the two middle values); reorders `v`.
+pub fn median(v: &mut [f64]) -> f64 {
     let n = v.len();
     let mid = n / 2;
     let (_, m, _) = v.select_nth_unstable_by(mid, f64::total_cmp);
@@ -654,92 +655,6 @@ pub fn chi2_cdf(q: f64, d: usize) -> f64 {
             let d = d as f64;
             let z = ((q / d).cbrt() - (1.0 - 2.0 / (9.0 * d))) / (2.0 / (9.0 * d)).sqrt();
             0.5 * libm::erfc(-z / std::f64::consts::SQRT_2)
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn run(kind: &Kind, xs: &[f64]) -> Vec<Option<Verdict>> {
-        let mut m = kind.model(1);
-        xs.iter()
-            .enumerate()
-            .map(|(t, x)| {
-                let v = m.score(kind, &[*x], t as i64);
-                m.update(kind, &[*x], t as i64);
-                v
-            })
-            .collect()
-    }
-
-    #[test]
-    fn median_and_robust_z_by_hand() {
-        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
-        // values 1..=5: median 3, deviations 2,1,0,1,2, MAD 1: z(10) = 0.6745 * 7.
-        let z = robust_z(10.0, [1.0, 2.0, 3.0, 4.0, 5.0].into_iter());
-        assert!((z - 0.6745 * 7.0).abs() < 1e-12);
-    }
-
-    #[test]
-    fn chi2_matches_known_quantiles() {
-        // 95 % quantiles: 3.841 (1), 5.991 (2), 7.815 (3).
-        assert!((chi2_cdf(3.841, 1) - 0.95).abs() < 1e-3);
-        assert!((chi2_cdf(5.991, 2) - 0.95).abs() < 1e-3);
-        assert!((chi2_cdf(7.815, 3) - 0.95).abs() < 2e-3);
-    }
-
-    #[test]
-    fn zscore_warms_up_then_scores() {
-        let kind = Kind::from_call("zscore", vec![Param::Number(10.0)], vec![]).unwrap();
-        let xs = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 5.5, 40.0];
-        let out = run(&kind, &xs);
-        assert!(out[..10].iter().all(Option::is_none));
-        // history 1..=10: mean 5.5, sd 3.02765: 5.5 scores 0; 40 is z = 11.39.
-        assert_eq!(out[10].unwrap().score, 0.0);
-        assert!(!out[10].unwrap().anomaly);
-        assert!(out[11].unwrap().anomaly);
-    }
-}
-
-#[cfg(test)]
-mod checkpoint_tests {
-    use super::*;
-
-    /// A model written to a checkpoint (JSON) and read back goes on exactly as the original.
-    #[test]
-    fn every_model_survives_a_checkpoint() {
-        let calls: [(&str, Vec<Param>); 7] = [
-            ("zscore", vec![]),
-            ("robust_zscore", vec![]),
-            ("ewma_chart", vec![]),
-            ("cusum", vec![]),
-            ("spike_and_dip", vec![]),
-            ("change_point", vec![]),
-            ("anomaly_likelihood", vec![]),
-        ];
-        let xs: Vec<f64> = (0..900)
-            .map(|i| (i as f64 * 0.37).sin() * 10.0 + (i / 450) as f64 * 30.0)
-            .collect();
-        for (name, params) in calls {
-            let kind = Kind::from_call(name, params, vec![]).unwrap();
-            let mut a = kind.model(1);
-            for (t, x) in xs[..500].iter().enumerate() {
-                a.update(&kind, &[*x], t as i64);
-            }
-            let json = serde_json::to_string(&a).unwrap();
-            let mut b: Model = serde_json::from_str(&json).unwrap();
-            for (t, x) in xs[500..].iter().enumerate() {
-                assert_eq!(
-                    a.score(&kind, &[*x], t as i64),
-                    b.score(&kind, &[*x], t as i64),
-                    "{name}"
-                );
-                a.update(&kind, &[*x], t as i64);
-                b.update(&kind, &[*x], t as i64);
-            }
         }
     }
 }
