@@ -115,9 +115,9 @@ pub struct RunArgs {
     /// at 25k readings/s) and saved a third of the CPU per reading at that rate; flat out,
     /// since the log writes once per sync, the saving is within the noise (see
     /// docs/benchmarks.md). Below that rate, and at QoS 1, every reading goes on at once.
-    /// Off by default.
-    #[arg(long, default_value = "0s", value_parser = duration)]
-    pub linger: Duration,
+    /// Off by default (`Linger::DEFAULT`).
+    #[arg(long, value_parser = duration)]
+    pub linger: Option<Duration>,
     /// Reload the pipeline when a pipeline file changes (SIGHUP always reloads). Queries
     /// that did not change keep their window state; a file with errors is refused and the
     /// running pipeline stays.
@@ -210,7 +210,7 @@ impl RunArgs {
                 max_age: self.commit_interval,
             },
             max_backlog: self.max_backlog_bytes,
-            linger: self.linger,
+            linger: self.linger.unwrap_or(crate::ingest::Linger::DEFAULT),
             fsync: self.fsync,
             drain_on_stop: self.drain,
             shards: self.shards.unwrap_or_else(|| {
