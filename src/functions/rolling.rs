@@ -25,13 +25,14 @@ use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Float64Array, Int64Array};
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Float64Type, Int64Type, TimeUnit};
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::datatypes::{DataType, Float64Type};
+use datafusion::arrow::row::RowConverter;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
+use super::keyed::{self, Arrival, Newest, Rowset};
 use crate::pipeline::rewrite::{Frame, RollingFn};
 
 /// Buckets per RANGE frame.
@@ -71,10 +72,10 @@ impl Rolling {
                         k.to_vec(),
                         SavedKey {
                             past: v.past.iter().map(|(t, s)| (*t, s.save())).collect(),
-                            newest: v.newest,
-                            current: v.current.iter().map(|x| x.map(f64::to_bits)).collect(),
-                            current_call: v.current_call,
-                            used: v.used.clone(),
+                            newest: v.at.time,
+                            current: v.at.values.iter().map(|x| x.map(f64::to_bits)).collect(),
+                            current_call: v.at.call,
+                            used: v.at.used.clone(),
                         },
                     )
                 })
@@ -100,14 +101,16 @@ impl Rolling {
                             .into_iter()
                             .map(|(t, s)| (t, Summary::load(s)))
                             .collect(),
-                        newest: v.newest,
-                        current: v
-                            .current
-                            .into_iter()
-                            .map(|x| x.map(f64::from_bits))
-                            .collect(),
-                        current_call: v.current_call,
-                        used: v.used,
+                        at: Newest {
+                            time: v.newest,
+                            values: v
+                                .current
+                                .into_iter()
+                                .map(|x| x.map(f64::from_bits))
+                                .collect(),
+                            used: v.used,
+                            call: v.current_call,
+                        },
                     },
                 )
             })
@@ -256,44 +259,40 @@ struct KeyState {
     past: VecDeque<(i64, Summary)>,
     /// The newest time seen and the values at it (nulls included, for matching), not yet
     /// in `past`.
-    newest: Option<i64>,
-    current: Vec<Option<f64>>,
-    /// The last call that saw the newest time, and which of `current` it has matched.
-    current_call: u64,
-    used: Vec<bool>,
+    at: Newest<Option<f64>>,
 }
 
-impl KeyState {
-    fn commit(&mut self, frame: Frame) {
-        let Some(t) = self.newest else { return };
-        match frame {
-            Frame::Range(r) => {
-                let width = (r.as_millis() as i64 / RANGE_BUCKETS).max(1);
-                let b = t.div_euclid(width) * width;
-                for v in self.current.drain(..).flatten() {
-                    match self.past.back_mut() {
-                        Some((s, sum)) if *s == b => sum.add(v),
-                        _ => {
-                            let mut s = Summary::default();
-                            s.add(v);
-                            self.past.push_back((b, s));
-                        }
+/// Adds the values at time `t` to a key's committed past.
+fn commit(past: &mut VecDeque<(i64, Summary)>, frame: Frame, t: i64, values: &[Option<f64>]) {
+    match frame {
+        Frame::Range(r) => {
+            let width = (r.as_millis() as i64 / RANGE_BUCKETS).max(1);
+            let b = t.div_euclid(width) * width;
+            for v in values.iter().flatten() {
+                match past.back_mut() {
+                    Some((s, sum)) if *s == b => sum.add(*v),
+                    _ => {
+                        let mut s = Summary::default();
+                        s.add(*v);
+                        past.push_back((b, s));
                     }
                 }
             }
-            Frame::Rows(n) => {
-                for v in self.current.drain(..).flatten() {
-                    let mut s = Summary::default();
-                    s.add(v);
-                    self.past.push_back((t, s));
-                }
-                while self.past.len() as u64 > n {
-                    self.past.pop_front();
-                }
+        }
+        Frame::Rows(n) => {
+            for v in values.iter().flatten() {
+                let mut s = Summary::default();
+                s.add(*v);
+                past.push_back((t, s));
+            }
+            while past.len() as u64 > n {
+                past.pop_front();
             }
         }
     }
+}
 
+impl KeyState {
     /// Drops buckets entirely before `t - range`.
     fn evict(&mut self, frame: Frame, t: i64) {
         if let Frame::Range(r) = frame {
@@ -317,7 +316,7 @@ impl KeyState {
             Frame::Range(_) => None,
         };
         let mut current = Summary::default();
-        for v in self.current.iter().flatten().chain(extra.as_ref()) {
+        for v in self.at.values.iter().flatten().chain(extra.as_ref()) {
             current.add(*v);
         }
         match rows_cap {
@@ -353,11 +352,7 @@ impl ScalarUDFImpl for Rolling {
                 "a frame over past windows needs a value and a time".into(),
             ));
         }
-        let time_ok = matches!(
-            arg_types[1],
-            DataType::Timestamp(_, _) | DataType::Date32 | DataType::Date64
-        ) || arg_types[1].is_integer();
-        if !time_ok {
+        if !keyed::is_time(&arg_types[1]) {
             return Err(DataFusionError::Plan(format!(
                 "a frame over past windows is ordered by a time (window_end, event_time or a TIMESTAMP column), not by a {}",
                 arg_types[1]
@@ -384,86 +379,38 @@ impl ScalarUDFImpl for Rolling {
             .collect::<Result<_>>()?;
         let values = cast(&arrays[0], &DataType::Float64)?;
         let values = values.as_primitive::<Float64Type>();
-        let times = cast(
-            &arrays[1],
-            &DataType::Timestamp(TimeUnit::Millisecond, None),
-        )
-        .and_then(|t| cast(&t, &DataType::Int64))
-        .map_err(|e| {
-            DataFusionError::Execution(format!(
-                "the ORDER BY of a frame over past windows must be a time: {e}"
-            ))
-        })?;
-        let times = times.as_primitive::<Int64Type>();
-
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
         st.calls += 1;
         let call = st.calls;
-        let keys = &arrays[2..];
-        if st.converter.is_none() {
-            let fields = keys
-                .iter()
-                .map(|k| SortField::new(k.data_type().clone()))
-                .collect();
-            st.converter = Some(RowConverter::new(fields)?);
-        }
-        // Without PARTITION BY every row has the same (empty) key.
-        let rows = match &st.converter {
-            Some(c) if !keys.is_empty() => Some(c.convert_columns(keys)?),
-            _ => None,
-        };
-
-        // Rows of a key in time order; results go back to each row's place.
-        let mut order: Vec<usize> = (0..n).filter(|i| times.is_valid(*i)).collect();
-        order.sort_by_key(|i| times.value(*i));
+        let rows = Rowset::new(&arrays[1], &arrays[2..], &mut st.converter, |e| {
+            DataFusionError::Execution(format!(
+                "the ORDER BY of a frame over past windows must be a time: {e}"
+            ))
+        })?;
         let mut out: Vec<Option<f64>> = vec![None; n];
         let frame = self.frame;
-        for i in order {
-            let t = times.value(i);
+        for &i in &rows.order {
+            let t = rows.times.value(i);
             let v = values.is_valid(i).then(|| values.value(i));
             st.newest = st.newest.max(t);
-            let key: &[u8] = match &rows {
-                Some(r) => r.row(i).data(),
-                None => &[],
-            };
+            let key = rows.key(i);
             if !st.keys.contains_key(key) {
                 st.keys.insert(key.into(), KeyState::default());
             }
             let Some(ks) = st.keys.get_mut(key) else {
                 continue;
             };
-            let summary = match ks.newest {
-                Some(newest) if t < newest => {
-                    // Late for this key: answer against the frame, remember nothing.
-                    ks.summary(frame, v)
-                }
-                Some(newest) if t == newest => {
-                    if ks.current_call != call {
-                        ks.current_call = call;
-                        ks.used.iter_mut().for_each(|u| *u = false);
-                    }
-                    let same = |a: &Option<f64>| a.map(f64::to_bits) == v.map(f64::to_bits);
-                    let held =
-                        (0..ks.current.len()).find(|j| !ks.used[*j] && same(&ks.current[*j]));
-                    match held {
-                        Some(j) => ks.used[j] = true,
-                        None => {
-                            ks.current.push(v);
-                            ks.used.push(true);
-                        }
-                    }
-                    ks.summary(frame, None)
-                }
-                _ => {
-                    ks.commit(frame);
+            let past = &mut ks.past;
+            let summary = match ks
+                .at
+                .present(call, t, &[v], |at, values| commit(past, frame, at, values))
+            {
+                // Late for this key: answer against the frame, remember nothing.
+                Arrival::Late => ks.summary(frame, v),
+                Arrival::Newest => ks.summary(frame, None),
+                Arrival::Later => {
                     ks.evict(frame, t);
-                    ks.newest = Some(t);
-                    ks.current.clear();
-                    ks.current.push(v);
-                    ks.used.clear();
-                    ks.used.push(true);
-                    ks.current_call = call;
                     ks.summary(frame, None)
                 }
             };
@@ -475,7 +422,7 @@ impl ScalarUDFImpl for Rolling {
             if call % 64 == 0 {
                 let horizon = st.newest - r.as_millis() as i64;
                 st.keys
-                    .retain(|_, k| k.newest.is_some_and(|t| t >= horizon));
+                    .retain(|_, k| k.at.time.is_some_and(|t| t >= horizon));
             }
         }
 

@@ -25,14 +25,16 @@ use std::sync::{Arc, Mutex};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, BooleanArray, Float64Array, StructArray};
 use datafusion::arrow::buffer::NullBuffer;
 use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{DataType, Field, Fields, Float64Type, Int64Type, TimeUnit};
-use datafusion::arrow::row::{RowConverter, SortField};
+use datafusion::arrow::datatypes::{DataType, Field, Fields, Float64Type};
+use datafusion::arrow::row::RowConverter;
 use datafusion::common::{DataFusionError, Result};
 use datafusion::logical_expr::{
     ColumnarValue, ScalarFunctionArgs, ScalarUDFImpl, Signature, Volatility,
 };
 
 pub use models::{Kind, Model, Verdict};
+
+use super::keyed::{self, Newest, Rowset};
 
 /// A key with no row for this long (in event time) is forgotten: a week.
 pub const FORGET_AFTER_MS: i64 = 7 * 24 * 3600 * 1000;
@@ -96,10 +98,10 @@ impl Detect {
                         k.to_vec(),
                         SavedSeries {
                             model: s.model.clone(),
-                            newest: s.newest,
-                            current: s.current.iter().map(|v| v.to_bits()).collect(),
-                            used: s.used.clone(),
-                            current_call: s.current_call,
+                            newest: s.at.time,
+                            current: s.at.values.iter().map(|v| v.to_bits()).collect(),
+                            used: s.at.used.clone(),
+                            current_call: s.at.call,
                         },
                     )
                 })
@@ -119,10 +121,12 @@ impl Detect {
                     k.into_boxed_slice(),
                     Series {
                         model: s.model,
-                        newest: s.newest,
-                        current: s.current.into_iter().map(f64::from_bits).collect(),
-                        used: s.used,
-                        current_call: s.current_call,
+                        at: Newest {
+                            time: s.newest,
+                            values: s.current.into_iter().map(f64::from_bits).collect(),
+                            used: s.used,
+                            call: s.current_call,
+                        },
                     },
                 )
             })
@@ -135,7 +139,7 @@ impl Detect {
         let bytes = st
             .series
             .iter()
-            .map(|(k, s)| k.len() + s.model.size() + s.current.capacity() * 8)
+            .map(|(k, s)| k.len() + s.model.size() + s.at.values.capacity() * 8)
             .sum();
         (st.series.len(), bytes)
     }
@@ -183,17 +187,11 @@ impl std::fmt::Debug for State {
     }
 }
 
-/// One key's model, and the values at its newest time, which join the model when a later
-/// time arrives.
+/// One key's model, and the values at its newest time (`dims` a row), which join the
+/// model when a later time arrives.
 struct Series {
     model: Model,
-    newest: Option<i64>,
-    /// Values at `newest`, `dims` a row.
-    current: Vec<f64>,
-    /// Which rows of `current` the call `current_call` has presented (to tell a
-    /// re-evaluation from a new row at the same time).
-    used: Vec<bool>,
-    current_call: u64,
+    at: Newest<f64>,
 }
 
 /// A [`Detect`] function's state in a checkpoint.
@@ -236,11 +234,7 @@ impl ScalarUDFImpl for Detect {
             }
         }
         let time = &arg_types[self.dims];
-        let time_ok = matches!(
-            time,
-            DataType::Timestamp(_, _) | DataType::Date32 | DataType::Date64
-        ) || time.is_integer();
-        if !time_ok {
+        if !keyed::is_time(time) {
             return Err(DataFusionError::Plan(format!(
                 "a detector is ordered by a time (window_end, event_time or a TIMESTAMP column), not by a {time}"
             )));
@@ -264,36 +258,13 @@ impl ScalarUDFImpl for Detect {
             .iter()
             .map(|a| a.as_primitive::<Float64Type>())
             .collect();
-        let times = cast(
-            &arrays[d],
-            &DataType::Timestamp(TimeUnit::Millisecond, None),
-        )
-        .and_then(|t| cast(&t, &DataType::Int64))
-        .map_err(|e| {
-            DataFusionError::Execution(format!("a detector's ORDER BY must be a time: {e}"))
-        })?;
-        let times = times.as_primitive::<Int64Type>();
-        let keys = &arrays[d + 1..];
-
         let mut guard = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let st = &mut *guard;
         st.calls += 1;
         let call = st.calls;
-        if st.converter.is_none() {
-            let fields = keys
-                .iter()
-                .map(|k| SortField::new(k.data_type().clone()))
-                .collect();
-            st.converter = Some(RowConverter::new(fields)?);
-        }
-        let rows = match &st.converter {
-            Some(c) if !keys.is_empty() => Some(c.convert_columns(keys)?),
-            _ => None,
-        };
-
-        // A key's rows in time order (the input usually is: then sorting costs one pass).
-        let mut order: Vec<usize> = (0..n).filter(|i| times.is_valid(*i)).collect();
-        order.sort_by_key(|i| times.value(*i));
+        let rows = Rowset::new(&arrays[d], &arrays[d + 1..], &mut st.converter, |e| {
+            DataFusionError::Execution(format!("a detector's ORDER BY must be a time: {e}"))
+        })?;
         let mut out: Vec<Option<Verdict>> = vec![None; n];
         let mut x = vec![0.0; d];
         // A re-evaluation presents rows the previous call answered, in the same order (or
@@ -303,8 +274,8 @@ impl ScalarUDFImpl for Detect {
         let mut cursor = 0;
         let mut replaying = true;
         let mut memo = Vec::with_capacity(n);
-        for i in order {
-            let t = times.value(i);
+        for &i in &rows.order {
+            let t = rows.times.value(i);
             st.newest = st.newest.max(t);
             // NULLs and non-numbers (NaN, infinities) are not scored and not learnt from.
             let mut ok = true;
@@ -315,10 +286,7 @@ impl ScalarUDFImpl for Detect {
             if !ok {
                 continue;
             }
-            let key: &[u8] = match &rows {
-                Some(r) => r.row(i).data(),
-                None => &[],
-            };
+            let key = rows.key(i);
             let bits = x.iter().fold(0u64, |h, v| h.rotate_left(17) ^ v.to_bits());
             let key_hash = {
                 let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -328,7 +296,7 @@ impl ScalarUDFImpl for Detect {
             let known = st
                 .series
                 .get(key)
-                .and_then(|s| s.newest)
+                .and_then(|s| s.at.time)
                 .is_some_and(|newest| t <= newest);
             if replaying && known {
                 let found = previous[cursor..]
@@ -349,48 +317,15 @@ impl ScalarUDFImpl for Detect {
                 Some(s) => s,
                 None => st.series.entry(key.into()).or_insert_with(|| Series {
                     model: self.kind.model(d),
-                    newest: None,
-                    current: Vec::new(),
-                    used: Vec::new(),
-                    current_call: 0,
+                    at: Newest::default(),
                 }),
             };
-            match s.newest {
-                Some(newest) if t < newest => {}
-                Some(newest) if t == newest => {
-                    if s.current_call != call {
-                        s.current_call = call;
-                        s.used.iter_mut().for_each(|u| *u = false);
-                    }
-                    let held = (0..s.used.len()).find(|j| {
-                        !s.used[*j]
-                            && s.current[j * d..(j + 1) * d]
-                                .iter()
-                                .zip(&x)
-                                .all(|(a, b)| a.to_bits() == b.to_bits())
-                    });
-                    match held {
-                        Some(j) => s.used[j] = true,
-                        None => {
-                            s.current.extend_from_slice(&x);
-                            s.used.push(true);
-                        }
-                    }
+            let model = &mut s.model;
+            s.at.present(call, t, &x, |at, values| {
+                for row in values.chunks_exact(d) {
+                    model.update(&self.kind, row, at);
                 }
-                _ => {
-                    if let Some(prev) = s.newest {
-                        for row in s.current.chunks_exact(d) {
-                            s.model.update(&self.kind, row, prev);
-                        }
-                    }
-                    s.newest = Some(t);
-                    s.current.clear();
-                    s.current.extend_from_slice(&x);
-                    s.used.clear();
-                    s.used.push(true);
-                    s.current_call = call;
-                }
-            }
+            });
             out[i] = s.model.score(&self.kind, &x, t);
             memo.push(Memo {
                 key: key_hash,
@@ -404,7 +339,7 @@ impl ScalarUDFImpl for Detect {
         if call % 64 == 0 {
             let horizon = st.newest.saturating_sub(FORGET_AFTER_MS);
             st.series
-                .retain(|_, s| s.newest.is_some_and(|t| t >= horizon));
+                .retain(|_, s| s.at.time.is_some_and(|t| t >= horizon));
         }
         drop(guard);
         Ok(ColumnarValue::Array(verdict_array(&out)))
