@@ -61,6 +61,8 @@ pub struct ShardBuffer {
     /// batches keeps the shards in step: a flush of part of a burst would carry event
     /// times that move the watermark past readings still in other device mailboxes.
     in_flight: usize,
+    /// Flushes (`FlushNow`) waiting for `in_flight` to reach zero.
+    waiting: Vec<tokio::sync::oneshot::Sender<()>>,
 }
 
 /// Where presence changes go, after how long a silent device is offline, and what its
@@ -103,6 +105,7 @@ impl ShardBuffer {
             changes: Vec::new(),
             backlog,
             in_flight: 0,
+            waiting: Vec::new(),
         })
     }
 
@@ -117,6 +120,9 @@ impl ShardBuffer {
         }
         if self.in_flight == 0 {
             self.flush_sources();
+            for w in self.waiting.drain(..) {
+                let _ = w.send(());
+            }
         }
     }
 
@@ -363,26 +369,65 @@ impl Handler<Ingest> for ShardRouter {
 }
 
 impl Handler<FlushNow> for ShardRouter {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: FlushNow, _ctx: &mut Self::Context) -> Self::Result {
-        // Mailboxes are FIFO: once every device has answered Sync, every reading routed
-        // before this message is in the buffer.
-        let syncs: Vec<_> = self.devices.values().map(|e| e.addr.send(Sync)).collect();
-        Box::pin(
-            async move {
-                futures::future::join_all(syncs).await;
+    fn handle(&mut self, _: FlushNow, ctx: &mut Self::Context) -> Self::Result {
+        let flush = |act: &mut Self| act.buffer.borrow_mut().flush_all(act.presence.as_ref());
+        let last = {
+            let mut buffer = self.buffer.borrow_mut();
+            if buffer.in_flight == 0 {
+                None
+            } else {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                buffer.waiting.push(tx);
+                Some(rx)
             }
-            .into_actor(self)
-            .map(|_, act, _| {
-                let mut buffer = act.buffer.borrow_mut();
-                // Every device has answered: nothing routed is still on its way.
-                buffer.in_flight = 0;
-                buffer.flush_all(act.presence.as_ref())
-            }),
-        )
+        };
+        // Every reading routed is already in the buffer.
+        let Some(last) = last else {
+            flush(self);
+            return Box::pin(async {});
+        };
+        // Readings are still in device mailboxes: the buffer says when the last one is
+        // pushed. The shard takes no new readings meanwhile (`ctx.wait`), so the count only
+        // goes down. Asking every device actor instead (a `Sync` each, answered in mailbox
+        // order) costs a message per device per flush, which with 100,000 devices and a
+        // checkpoint every few seconds was most of the shard's work; it stays as a
+        // backstop, should a count ever go astray.
+        let (done, answer) = tokio::sync::oneshot::channel();
+        ctx.wait(
+            async move { tokio::time::timeout(FLUSH_BACKSTOP, last).await.is_ok() }
+                .into_actor(self)
+                .then(|counted, act, _| {
+                    let syncs: Vec<_> = if counted {
+                        Vec::new()
+                    } else {
+                        tracing::warn!("a shard flush fell back to asking every device actor");
+                        act.devices.values().map(|e| e.addr.send(Sync)).collect()
+                    };
+                    async move {
+                        futures::future::join_all(syncs).await;
+                        counted
+                    }
+                    .into_actor(act)
+                })
+                .map(move |counted, act, _| {
+                    if !counted {
+                        // Every device has answered: nothing routed is still on its way.
+                        act.buffer.borrow_mut().in_flight = 0;
+                    }
+                    flush(act);
+                    let _ = done.send(());
+                }),
+        );
+        Box::pin(async move {
+            let _ = answer.await;
+        })
     }
 }
+
+/// How long a flush waits for the readings in device mailboxes before asking each device.
+const FLUSH_BACKSTOP: Duration = Duration::from_secs(5);
 
 /// The running shards: their addresses and the actix system that hosts them.
 pub struct Shards {
