@@ -45,8 +45,9 @@ pub struct Ingest(pub Vec<Reading>);
 #[rtype(result = "()")]
 pub struct FlushNow;
 
-/// Rows buffered in one shard, one decoder per source. Flushed on a timer, when a source's
-/// buffer is full, and on shutdown.
+/// Rows buffered in one shard, one decoder per source. Flushed once the device actors have
+/// pushed every reading routed to them, when a source's buffer is full, on a timer, and
+/// when asked (`FlushNow`: checkpoints, backpressure, shutdown).
 pub struct ShardBuffer {
     decoders: Vec<SourceDecoder>,
     out: UnboundedSender<EngineEvent>,
