@@ -395,11 +395,9 @@ impl ScalarUDFImpl for Rolling {
             let v = values.is_valid(i).then(|| values.value(i));
             st.newest = st.newest.max(t);
             let key = rows.key(i);
-            if !st.keys.contains_key(key) {
-                st.keys.insert(key.into(), KeyState::default());
-            }
-            let Some(ks) = st.keys.get_mut(key) else {
-                continue;
+            let ks = match st.keys.get_mut(key) {
+                Some(ks) => ks,
+                None => st.keys.entry(key.into()).or_default(),
             };
             let past = &mut ks.past;
             let summary = match ks
