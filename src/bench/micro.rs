@@ -235,9 +235,9 @@ const ROUTER_CHUNK: usize = 4096;
 ///
 /// Every device's actor exists before the first iteration (the steady state; an actor is
 /// created on a device's first message and lives until it has been idle for the idle
-/// timeout). `flush_shards` asks every device actor for a `Sync` answer, so each
-/// iteration also pays one round trip per device, as a checkpoint's flush does; the
-/// routers' own timer flushes (set to an hour here) do not.
+/// timeout). `flush_shards` waits until each shard's actors have pushed every reading
+/// routed to them (the shard's in-flight count reaches zero), as a checkpoint's flush
+/// does; the routers' own timer flushes (set to an hour here) do not run.
 /// Output: rows that reached the engine's channel.
 pub struct ActorHop {
     shards: Option<Shards>,
