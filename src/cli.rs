@@ -97,6 +97,11 @@ pub struct RunArgs {
     #[arg(long)]
     pub drain: bool,
     /// Number of device shards (actix arbiters, one thread each); default: one per core.
+    /// `0`: one shard on the runtime's own thread, so ingest, the device actors, the SQL
+    /// and the command sink hand readings on without waking another thread (Parquet and
+    /// the log's fsync keep their threads). It cost 10-30 % less CPU per reading on a
+    /// round trip (nightlight), and less latency, but lost a quarter of the rate on a
+    /// flat-out QoS 1 filter, where the shards' parallel work counts (docs/benchmarks.md).
     #[arg(long)]
     pub shards: Option<usize>,
     /// Worker threads of the async runtime that carries ingest, the log, topic routing,
@@ -255,7 +260,10 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    rt.block_on(async move {
+    // `run --shards 0` runs on an actix system's current-thread runtime, where the one
+    // shard's actors are started beside ingest and the runner (device::start_shards).
+    let inline = matches!(&cli.command, Command::Run(a) if a.shards == Some(0));
+    let main = async move {
         match cli.command {
             Command::Check { pipelines } => match crate::pipeline::load(&pipelines).await {
                 Ok(p) => {
@@ -336,7 +344,12 @@ pub fn main() -> i32 {
                 }
             }
         }
-    })
+    };
+    if inline {
+        actix::System::new().block_on(main)
+    } else {
+        rt.block_on(main)
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -433,7 +433,8 @@ const FLUSH_BACKSTOP: Duration = Duration::from_secs(5);
 /// The running shards: their addresses and the actix system that hosts them.
 pub struct Shards {
     pub routers: Vec<Addr<ShardRouter>>,
-    system: actix::System,
+    /// `None` for a shard inline on the caller's actix system.
+    system: Option<actix::System>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
@@ -444,7 +445,9 @@ impl Shards {
     }
 
     pub fn stop(mut self) {
-        self.system.stop();
+        if let Some(system) = &self.system {
+            system.stop();
+        }
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -462,7 +465,11 @@ pub async fn flush_shards(routers: &[Addr<ShardRouter>]) {
     }
 }
 
-/// Starts an actix system on its own thread with `n` arbiters, one shard router on each.
+/// Starts an actix system on its own thread with `n` arbiters, one shard router on each;
+/// with `n == 0`, one shard router on the caller's own actix system instead (`fleetsql run
+/// --shards 0`): the topic router's hand-over is then a wake on the same thread, not the
+/// `write(2)` to an eventfd that wakes a sleeping arbiter, which profiles showed was an
+/// eighth of the engine's CPU on a round trip (docs/benchmarks.md).
 pub fn start_shards(
     n: usize,
     shapes: Vec<Arc<SourceShape>>,
@@ -473,6 +480,28 @@ pub fn start_shards(
     presence: Option<PresenceConfig>,
     backlog: Arc<Backlog>,
 ) -> anyhow::Result<Shards> {
+    let shard = move |buffer: ShardBuffer, metrics: Arc<Metrics>, presence| ShardRouter {
+        devices: HashMap::new(),
+        buffer: Rc::new(RefCell::new(buffer)),
+        metrics,
+        idle_timeout,
+        flush_interval,
+        presence,
+        counted: [0, 0],
+        trim_pending: false,
+    };
+    if n == 0 {
+        if actix::System::try_current().is_none() {
+            anyhow::bail!("shards = 0 (inline) needs the engine to run on an actix system");
+        }
+        let buffer = ShardBuffer::new(&shapes, out, crate::decode::MAX_BUFFERED_ROWS, backlog)?;
+        let router = shard(buffer, metrics, presence);
+        return Ok(Shards {
+            routers: vec![router.start()],
+            system: None,
+            thread: None,
+        });
+    }
     let (tx, rx) = std::sync::mpsc::channel();
     let thread = std::thread::Builder::new()
         .name("actix-system".into())
@@ -498,17 +527,9 @@ pub fn start_shards(
                         }
                     };
                     // The buffer is Send; it becomes an Rc inside the arbiter that owns it.
-                    let router =
-                        ShardRouter::start_in_arbiter(&arbiter.handle(), move |_| ShardRouter {
-                            devices: HashMap::new(),
-                            buffer: Rc::new(RefCell::new(buffer)),
-                            metrics,
-                            idle_timeout,
-                            flush_interval,
-                            presence,
-                            counted: [0, 0],
-                            trim_pending: false,
-                        });
+                    let router = ShardRouter::start_in_arbiter(&arbiter.handle(), move |_| {
+                        shard(buffer, metrics, presence)
+                    });
                     routers.push(router);
                 }
                 let _ = tx.send(Ok((routers, actix::System::current())));
@@ -520,7 +541,7 @@ pub fn start_shards(
         .map_err(|_| anyhow::anyhow!("actix system did not start"))??;
     Ok(Shards {
         routers,
-        system,
+        system: Some(system),
         thread: Some(thread),
     })
 }

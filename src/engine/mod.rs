@@ -71,6 +71,8 @@ pub struct EngineConfig {
     pub device_idle_timeout: Duration,
     pub flush_interval: Duration,
     pub roll: RollPolicy,
+    /// Device shards, one arbiter thread each; `0`: one shard on the caller's actix
+    /// system (`run` must then be called inside one).
     pub shards: usize,
     /// Bytes of decoded rows that may wait for the pipeline runner before ingest pauses.
     pub max_backlog: usize,
@@ -231,7 +233,7 @@ pub async fn run_with(
     let (tx, rx) = mpsc::unbounded_channel();
     let backlog = Arc::new(backlog::Backlog::new(cfg.max_backlog, metrics.clone()));
     let shards = crate::device::start_shards(
-        cfg.shards.max(1),
+        cfg.shards,
         shapes.clone(),
         tx.clone(),
         metrics.clone(),

@@ -179,6 +179,51 @@ fn bench_scenarios_smoke() {
     );
 }
 
+/// `fleetsql run --shards 0` (the one shard on the runtime's own thread, no arbiters)
+/// through mosquitto, at both QoS: a command back for every reading, every reading in the
+/// raw Parquet table, and the process exits cleanly after the load (the scenario fails
+/// otherwise).
+#[test]
+fn one_thread_engine_round_trip() {
+    use fleetsql::bench::scenario::{self, Scenario};
+    if !crate::util::have("mosquitto", "one_thread_engine_round_trip") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for qos in [0, 1] {
+        let args = fleetsql::bench::BenchArgs {
+            messages: Some(1_000),
+            devices: Some(10),
+            rate: None,
+            seconds: 1,
+            qos,
+            connections: 2,
+            sut_cmd: None,
+            engine_args: vec!["--fsync=off".into(), "--shards".into(), "0".into()],
+            no_limits: true,
+            timeout: 60,
+        };
+        let report = rt
+            .block_on(scenario::run(args.options(Scenario::Nightlight)))
+            .unwrap_or_else(|e| panic!("QoS {qos}: {e:#}"));
+        println!("{}", report.markdown());
+        assert!(
+            report.sut.system.contains("--shards 0"),
+            "{}",
+            report.sut.system
+        );
+        assert_eq!(
+            report.sut.load.received, 1_000,
+            "QoS {qos}: a command per reading"
+        );
+        assert!(
+            report.sut.check.contains("raw rows 1000/1000"),
+            "QoS {qos}: {}",
+            report.sut.check
+        );
+    }
+}
+
 /// The CPU clock of another process counts below a scheduler tick: a child that
 /// spins for 2 ms reads as more than zero and less than a second, and a process
 /// that is gone reads as nothing.
