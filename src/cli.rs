@@ -105,7 +105,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub shards: Option<usize>,
     /// Worker threads of the async runtime that carries ingest, the log, topic routing,
-    /// the pipeline runner and the command sink. One by default: these stages form one
+    /// the pipeline runner and the command sink (ignored with `--shards 0`, which runs
+    /// them all on one thread). One by default: these stages form one
     /// chain and the parallel work runs on the shard and Parquet writer threads, so a
     /// second worker mostly adds cross-thread wake-ups (see docs/benchmarks.md).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
