@@ -99,7 +99,7 @@ pub struct RunArgs {
     /// Number of device shards (actix arbiters, one thread each); default: one per core.
     /// `0`: one shard on the runtime's own thread, so ingest, the device actors, the SQL
     /// and the command sink hand readings on without waking another thread (Parquet and
-    /// the log's fsync keep their threads). It cost 10-40 % less CPU per reading in the
+    /// the log's fsync keep their threads). It cost up to 40 % less CPU per reading in most
     /// benchmarks, and kept up with the broker for 10,000 devices at QoS 1 where the
     /// default did not, but a flat-out QoS 1 filter over 1,000 devices ran up to a
     /// quarter slower with it (docs/benchmarks.md).
