@@ -104,13 +104,19 @@ pub struct BenchArgs {
     /// Skip the broker's limits.
     #[arg(long)]
     pub no_limits: bool,
+    /// Run the broker on the first CPU and the system under test (and each limit's
+    /// helper) on the others; the load generator runs anywhere. Needs two CPUs. Without
+    /// it, on two cores the scheduler's placement moved results by up to a quarter from
+    /// run to run (docs/benchmarks.md).
+    #[arg(long)]
+    pub pin: bool,
     /// Give up waiting for the results after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
 }
 
 impl BenchArgs {
-    pub fn options(&self, scenario: scenario::Scenario) -> scenario::BenchOptions {
+    pub fn options(&self, scenario: scenario::Scenario) -> anyhow::Result<scenario::BenchOptions> {
         use scenario::Scenario;
         let rate = self
             .rate
@@ -123,7 +129,12 @@ impl BenchArgs {
             Scenario::Aggregate => 10_000,
             _ => 1_000,
         });
-        scenario::BenchOptions {
+        let pin = if self.pin {
+            Some(procs::Pinning::new()?)
+        } else {
+            None
+        };
+        Ok(scenario::BenchOptions {
             scenario,
             load: load::LoadOptions {
                 host: "127.0.0.1".into(),
@@ -140,7 +151,8 @@ impl BenchArgs {
             sut_cmd: self.sut_cmd.clone(),
             engine_args: self.engine_args.clone(),
             no_limits: self.no_limits,
-        }
+            pin,
+        })
     }
 }
 
@@ -215,7 +227,11 @@ pub async fn main(cmd: BenchCommand) -> i32 {
         BenchCommand::Nightlight(a) => (Scenario::Nightlight, a),
         BenchCommand::Latency(a) => (Scenario::Latency, a),
     };
-    match scenario::run(args.options(scenario)).await {
+    let run = match args.options(scenario) {
+        Ok(opts) => scenario::run(opts).await,
+        Err(e) => Err(e),
+    };
+    match run {
         Ok(report) => {
             println!("{}", report.markdown());
             0

@@ -32,6 +32,95 @@ pub fn wait_for(
     Ok(())
 }
 
+/// Which CPUs a benchmark's processes may run on (`fleetsql bench --pin`): the broker on
+/// the first CPU this process may use, the system under test (or a limit's helper) on the
+/// others, the load generator anywhere. Unpinned, the scheduler places the single-threaded
+/// broker and the system's busiest thread differently from run to run, and on two cores
+/// the same build measured anywhere from 0.75 to 1.0 × its best (docs/benchmarks.md).
+#[derive(Debug, Clone, Copy)]
+pub struct Pinning {
+    broker: libc::cpu_set_t,
+    system: libc::cpu_set_t,
+}
+
+/// What a child process is, for [`Pinning`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Broker,
+    System,
+}
+
+impl Pinning {
+    /// Splits the CPUs this process may use; an error with fewer than two.
+    pub fn new() -> anyhow::Result<Pinning> {
+        // SAFETY: cpu_set_t is plain data, all zeroes is the empty set; sched_getaffinity
+        // writes at most the size given.
+        let allowed = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+                anyhow::bail!(
+                    "cannot read this process's CPUs: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+            set
+        };
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: a read of a set initialised above, within its size.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
+            .collect();
+        let [first, rest @ ..] = cpus.as_slice() else {
+            anyhow::bail!("--pin needs at least two CPUs; this process may use none");
+        };
+        if rest.is_empty() {
+            anyhow::bail!("--pin needs at least two CPUs; this process may use one");
+        }
+        // SAFETY: as above; CPU_SET writes within the set for ids below CPU_SETSIZE.
+        unsafe {
+            let mut broker: libc::cpu_set_t = std::mem::zeroed();
+            let mut system: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(*first, &mut broker);
+            for &c in rest {
+                libc::CPU_SET(c, &mut system);
+            }
+            Ok(Pinning { broker, system })
+        }
+    }
+
+    /// The CPUs `role` runs on.
+    pub fn cpus(&self, role: Role) -> Vec<usize> {
+        let set = match role {
+            Role::Broker => &self.broker,
+            Role::System => &self.system,
+        };
+        (0..libc::CPU_SETSIZE as usize)
+            // SAFETY: a read within the set's size.
+            .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
+            .collect()
+    }
+
+    /// Makes `cmd`'s process (every thread it starts) run on `role`'s CPUs.
+    pub fn apply(pin: Option<&Pinning>, cmd: &mut Command, role: Role) {
+        use std::os::unix::process::CommandExt as _;
+        let Some(p) = pin else { return };
+        let set = match role {
+            Role::Broker => p.broker,
+            Role::System => p.system,
+        };
+        // SAFETY: runs in the child between fork and exec, where only async-signal-safe
+        // calls are allowed: sched_setaffinity is a plain system call, and `set` was
+        // built before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 /// A child process, stopped (SIGTERM, then SIGKILL after a grace period) when dropped.
 pub struct Proc {
     child: Option<Child>,
@@ -47,6 +136,17 @@ impl Proc {
             child: Some(child),
             name: name.to_string(),
         })
+    }
+
+    /// [`Proc::spawn`] on `role`'s CPUs, if the benchmark pins its processes.
+    pub fn spawn_pinned(
+        name: &str,
+        cmd: &mut Command,
+        pin: Option<&Pinning>,
+        role: Role,
+    ) -> anyhow::Result<Proc> {
+        Pinning::apply(pin, cmd, role);
+        Proc::spawn(name, cmd)
     }
 
     pub fn pid(&self) -> u32 {
@@ -165,7 +265,7 @@ impl Mosquitto {
     /// `nodelay`: Nagle's algorithm off on the broker's sockets (`set_tcp_nodelay`), as
     /// for latency: else a lone QoS 0 message can wait tens of milliseconds for a delayed
     /// TCP ACK. Off by default in mosquitto, where it coalesces QoS 1 traffic (cheaper).
-    pub fn start(nodelay: bool) -> anyhow::Result<Mosquitto> {
+    pub fn start(nodelay: bool, pin: Option<&Pinning>) -> anyhow::Result<Mosquitto> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let conf = dir.path().join("mosquitto.conf");
@@ -173,15 +273,13 @@ impl Mosquitto {
             &conf,
             format!("listener {port} 127.0.0.1\n{MOSQUITTO_CONF}set_tcp_nodelay {nodelay}\n"),
         )?;
-        let proc = Proc::spawn(
-            "mosquitto",
-            Command::new("mosquitto")
-                .arg("-c")
-                .arg(&conf)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null()),
-        )
-        .context("mosquitto is needed for this benchmark (apt-get install mosquitto)")?;
+        let mut cmd = Command::new("mosquitto");
+        cmd.arg("-c")
+            .arg(&conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let proc = Proc::spawn_pinned("mosquitto", &mut cmd, pin, Role::Broker)
+            .context("mosquitto is needed for this benchmark (apt-get install mosquitto)")?;
         wait_for(Duration::from_secs(10), "mosquitto to listen", || {
             std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
         })?;

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::load::{self, Expect, LoadOptions, LoadReport, Payload};
-use super::procs::{self, Mosquitto, Proc};
+use super::procs::{self, Mosquitto, Pinning, Proc, Role};
 
 /// The scenarios of docs/benchmarks.md.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -82,6 +82,8 @@ pub struct BenchOptions {
     pub engine_args: Vec<String>,
     /// Skip measuring the broker's limits.
     pub no_limits: bool,
+    /// Broker and system under test on CPUs of their own (`--pin`).
+    pub pin: Option<procs::Pinning>,
 }
 
 /// One system's figures in one scenario.
@@ -105,6 +107,8 @@ pub struct BenchReport {
     pub delivery_limit: Option<Measured>,
     pub echo_limit: Option<Measured>,
     pub sut: Measured,
+    /// Broker and systems ran on CPUs of their own (`--pin`).
+    pub pinned: bool,
 }
 
 impl BenchReport {
@@ -126,7 +130,7 @@ impl BenchReport {
     pub fn markdown(&self) -> String {
         let o = &self.options;
         let mut s = format!(
-            "scenario `{:?}`: {} readings from {} devices over {} connection(s), QoS {}, {}\n\n\
+            "scenario `{:?}`: {} readings from {} devices over {} connection(s), QoS {}, {}{}\n\n\
              | system | msg/s | × limit | CPU/msg (process) | broker CPU/msg | peak RSS | p50 | p99 | zero loss |\n\
              |---|---|---|---|---|---|---|---|---|\n",
             self.scenario,
@@ -137,6 +141,11 @@ impl BenchReport {
             match o.rate {
                 Some(r) => format!("at {r:.0} msg/s"),
                 None => "flat out".into(),
+            },
+            if self.pinned {
+                ", broker and system under test pinned to CPUs of their own"
+            } else {
+                ""
             }
         );
         let limit = self.limit().map(|l| l.load.rate());
@@ -178,7 +187,7 @@ fn per_msg(before: Option<Duration>, after: Option<Duration>, n: u64) -> Option<
 
 /// Runs the scenario; see the module documentation.
 pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
-    let broker = Mosquitto::start(opts.scenario == Scenario::Latency)?;
+    let broker = Mosquitto::start(opts.scenario == Scenario::Latency, opts.pin.as_ref())?;
     let broker_pid = broker.proc.pid();
     let mut load = opts.load.clone();
     load.host = "127.0.0.1".into();
@@ -189,17 +198,19 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
     let delivery_limit = if opts.no_limits || opts.scenario == Scenario::Latency {
         None
     } else {
-        Some(delivery_limit(&load, broker_pid).await?)
+        Some(delivery_limit(&load, broker_pid, opts.pin.as_ref()).await?)
     };
     let echo_limit = if opts.no_limits || !opts.scenario.round_trip() {
         None
     } else {
-        let mut echo = Proc::spawn(
+        let mut echo = Proc::spawn_pinned(
             "echo server",
             Command::new(procs::fleetsql_bin()?)
                 .args(["bench", "echo", "--port", &broker.port.to_string()])
                 .args(["--qos", &load.qos.to_string()])
                 .stdout(Stdio::null()),
+            opts.pin.as_ref(),
+            Role::System,
         )?;
         load::probe(
             &load.host,
@@ -230,13 +241,15 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
                 .replace("{qos}", &load.qos.to_string());
             // Its output would interleave with the report: kept in a file, shown on failure.
             let log = tempfile::NamedTempFile::new()?;
-            let mut p = Proc::spawn(
+            let mut p = Proc::spawn_pinned(
                 "system under test",
                 Command::new("sh")
                     .arg("-c")
                     .arg(format!("exec {cmd}"))
                     .stdout(log.reopen()?)
                     .stderr(log.reopen()?),
+                opts.pin.as_ref(),
+                Role::System,
             )?;
             let sut_log = || std::fs::read_to_string(log.path()).unwrap_or_default();
             let probe = load::probe(
@@ -270,22 +283,29 @@ pub async fn run(opts: BenchOptions) -> anyhow::Result<BenchReport> {
         delivery_limit,
         echo_limit,
         sut,
+        pinned: opts.pin.is_some(),
     })
 }
 
 /// The broker's delivery limit: the fleet flat out to `fleetsql bench count`, a process
 /// of its own that counts what it receives and says `done` once all has arrived.
-async fn delivery_limit(load: &LoadOptions, broker_pid: u32) -> anyhow::Result<Measured> {
+async fn delivery_limit(
+    load: &LoadOptions,
+    broker_pid: u32,
+    pin: Option<&Pinning>,
+) -> anyhow::Result<Measured> {
     use std::io::BufRead;
     use std::sync::atomic::{AtomicBool, Ordering};
     let n = load.total();
-    let mut counter = Proc::spawn(
+    let mut counter = Proc::spawn_pinned(
         "counting subscriber",
         Command::new(procs::fleetsql_bin()?)
             .args(["bench", "count", "--port", &load.port.to_string()])
             .args(["--qos", &load.qos.to_string()])
             .args(["--messages", &n.to_string()])
             .stdout(Stdio::piped()),
+        pin,
+        Role::System,
     )?;
     let stdout = counter
         .take_stdout()
@@ -369,7 +389,7 @@ async fn run_engine(
     let data = dir.path().join("data");
     let maddr = format!("127.0.0.1:{}", procs::free_port()?);
     let log = std::fs::File::create(dir.path().join("engine.log"))?;
-    let mut engine = Proc::spawn(
+    let mut engine = Proc::spawn_pinned(
         "fleetsql run",
         Command::new(procs::fleetsql_bin()?)
             .arg("run")
@@ -388,6 +408,8 @@ async fn run_engine(
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log.try_clone()?),
+        opts.pin.as_ref(),
+        Role::System,
     )?;
     let engine_log = || std::fs::read_to_string(dir.path().join("engine.log")).unwrap_or_default();
     let m = maddr.clone();

@@ -118,10 +118,11 @@ fn bench_scenarios_smoke() {
             sut_cmd: None,
             engine_args: vec!["--fsync=off".into()],
             no_limits: false,
+            pin: false,
             timeout: 60,
         };
         let report = rt
-            .block_on(scenario::run(args.options(s)))
+            .block_on(scenario::run(args.options(s).unwrap()))
             .unwrap_or_else(|e| panic!("{s:?}: {e:#}"));
         println!("{}", report.markdown());
         assert_eq!(report.sut.load.sent, messages, "{s:?}: readings sent");
@@ -201,10 +202,11 @@ fn one_thread_engine_round_trip() {
             sut_cmd: None,
             engine_args: vec!["--fsync=off".into(), "--shards".into(), "0".into()],
             no_limits: true,
+            pin: false,
             timeout: 60,
         };
         let report = rt
-            .block_on(scenario::run(args.options(Scenario::Nightlight)))
+            .block_on(scenario::run(args.options(Scenario::Nightlight).unwrap()))
             .unwrap_or_else(|e| panic!("QoS {qos}: {e:#}"));
         println!("{}", report.markdown());
         assert!(
@@ -252,4 +254,94 @@ fn cpu_time_of_a_child_is_finer_than_a_tick() {
         me > Duration::ZERO && me.subsec_nanos() % 1_000_000 != 0,
         "{me:?}"
     );
+}
+
+/// `fleetsql bench --pin`: a child started for a role runs on that role's CPUs only, as
+/// Linux reports them (`Cpus_allowed_list`), and a pinned scenario runs and says so.
+#[test]
+fn bench_pin_confines_broker_and_system() {
+    use fleetsql::bench::procs::{Pinning, Proc, Role};
+    use fleetsql::bench::scenario::{self, Scenario};
+    let pin = match Pinning::new() {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("SKIPPED bench_pin_confines_broker_and_system: {e}");
+            return;
+        }
+    };
+    let broker = pin.cpus(Role::Broker);
+    let system = pin.cpus(Role::System);
+    assert_eq!(broker.len(), 1, "the broker gets one CPU: {broker:?}");
+    assert!(
+        !system.is_empty() && !system.contains(&broker[0]),
+        "{system:?}"
+    );
+    for (role, want) in [(Role::Broker, &broker), (Role::System, &system)] {
+        let mut p = Proc::spawn_pinned(
+            "sleep",
+            std::process::Command::new("sleep").arg("30"),
+            Some(&pin),
+            role,
+        )
+        .unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+        let allowed = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|l| l.trim().to_string())
+            .unwrap();
+        assert_eq!(allowed, cpu_list(want), "{role:?}");
+        p.stop(Duration::from_secs(5));
+    }
+
+    if !crate::util::have("mosquitto", "bench_pin_confines_broker_and_system") {
+        return;
+    }
+    let args = fleetsql::bench::BenchArgs {
+        messages: Some(1_000),
+        devices: Some(10),
+        rate: None,
+        seconds: 1,
+        qos: 1,
+        connections: 2,
+        sut_cmd: None,
+        engine_args: vec!["--fsync=off".into()],
+        no_limits: true,
+        pin: true,
+        timeout: 60,
+    };
+    let report = tokio::runtime::Runtime::new()
+        .unwrap()
+        .block_on(scenario::run(args.options(Scenario::Filter).unwrap()))
+        .unwrap();
+    assert!(report.pinned);
+    assert!(
+        report.markdown().contains("pinned"),
+        "{}",
+        report.markdown()
+    );
+    assert!(
+        report.sut.check.contains("raw rows 1000/1000"),
+        "{}",
+        report.sut.check
+    );
+}
+
+/// CPU ids as Linux lists them: `0`, `1-3`, `0,2`.
+fn cpu_list(cpus: &[usize]) -> String {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < cpus.len() {
+        let mut j = i;
+        while j + 1 < cpus.len() && cpus[j + 1] == cpus[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j {
+            cpus[i].to_string()
+        } else {
+            format!("{}-{}", cpus[i], cpus[j])
+        });
+        i = j + 1;
+    }
+    out.join(",")
 }
