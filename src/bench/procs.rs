@@ -36,7 +36,7 @@ pub fn wait_for(
 /// the first CPU this process may use, the system under test (or a limit's helper) on the
 /// others, the load generator anywhere. Unpinned, the scheduler places the single-threaded
 /// broker and the system's busiest thread differently from run to run, and on two cores
-/// the same build measured anywhere from 0.75 to 1.0 × its best (docs/benchmarks.md).
+/// the same build measured anywhere from 0.7 to 1.0 × its best (docs/benchmarks.md).
 #[derive(Debug, Clone, Copy)]
 pub struct Pinning {
     broker: libc::cpu_set_t,
@@ -65,10 +65,7 @@ impl Pinning {
             }
             set
         };
-        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: a read of a set initialised above, within its size.
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, &allowed) })
-            .collect();
+        let cpus = members(&allowed);
         let [first, rest @ ..] = cpus.as_slice() else {
             anyhow::bail!("--pin needs at least two CPUs; this process may use none");
         };
@@ -87,25 +84,23 @@ impl Pinning {
         }
     }
 
+    fn set(&self, role: Role) -> libc::cpu_set_t {
+        match role {
+            Role::Broker => self.broker,
+            Role::System => self.system,
+        }
+    }
+
     /// The CPUs `role` runs on.
     pub fn cpus(&self, role: Role) -> Vec<usize> {
-        let set = match role {
-            Role::Broker => &self.broker,
-            Role::System => &self.system,
-        };
-        (0..libc::CPU_SETSIZE as usize)
-            // SAFETY: a read within the set's size.
-            .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
-            .collect()
+        members(&self.set(role))
     }
 
     /// Makes `cmd`'s process (every thread it starts) run on `role`'s CPUs.
     pub fn apply(pin: Option<&Pinning>, cmd: &mut Command, role: Role) {
         use std::os::unix::process::CommandExt as _;
-        let Some(p) = pin else { return };
-        let set = match role {
-            Role::Broker => p.broker,
-            Role::System => p.system,
+        let Some(set) = pin.map(|p| p.set(role)) else {
+            return;
         };
         // SAFETY: runs in the child between fork and exec, where only async-signal-safe
         // calls are allowed: sched_setaffinity is a plain system call, and `set` was
@@ -119,6 +114,14 @@ impl Pinning {
             });
         }
     }
+}
+
+/// The CPU ids in `set`, ascending.
+fn members(set: &libc::cpu_set_t) -> Vec<usize> {
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: a read of an initialised set, within its size.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, set) })
+        .collect()
 }
 
 /// A child process, stopped (SIGTERM, then SIGKILL after a grace period) when dropped.
