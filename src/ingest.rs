@@ -9,7 +9,7 @@
 //! waits, the channels fill, the poll task stops reading the socket, and the broker holds
 //! the backlog (QoS 1, persistent session) instead of this process's memory.
 
-use std::hash::{BuildHasher, Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -537,9 +537,8 @@ impl Router {
                 Some((kind, device)) => {
                     // A device's telemetry and status go to the same shard: one place
                     // holds its presence.
-                    let mut h = hasher.build_hasher();
-                    m.topic[device.clone()].hash(&mut h);
-                    let shard = (h.finish() % shards.len() as u64) as usize;
+                    let shard =
+                        (hasher.hash_one(&m.topic[device.clone()]) % shards.len() as u64) as usize;
                     per_shard[shard].push(Reading {
                         kind,
                         device,

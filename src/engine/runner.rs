@@ -455,10 +455,10 @@ impl Runner {
                 );
                 continue;
             }
-            if let Some(w) = self.windows[i].as_mut() {
-                if let Err(e) = w.restore(saved.state, &saved.rows, batches) {
-                    tracing::error!(query = name, "open windows not restored: {e}");
-                }
+            if let Some(w) = self.windows[i].as_mut()
+                && let Err(e) = w.restore(saved.state, &saved.rows, batches)
+            {
+                tracing::error!(query = name, "open windows not restored: {e}");
             }
         }
         for (name, saved) in state.dedupe {

@@ -548,11 +548,10 @@ impl SourceClock {
             .column(event_time)
             .as_any()
             .downcast_ref::<TimestampMillisecondArray>()
+            && let Some(m) = ts.values().iter().max()
         {
-            if let Some(m) = ts.values().iter().max() {
-                let m = (*m).min(now);
-                self.max_event = Some(self.max_event.map_or(m, |x| x.max(m)));
-            }
+            let m = (*m).min(now);
+            self.max_event = Some(self.max_event.map_or(m, |x| x.max(m)));
         }
         self.last_rows_at = now;
     }

@@ -416,12 +416,12 @@ impl ScalarUDFImpl for Rolling {
         }
 
         // Forget keys that fell out of every frame (RANGE only: ROWS frames have no age).
-        if let Frame::Range(r) = frame {
-            if call % 64 == 0 {
-                let horizon = st.newest - r.as_millis() as i64;
-                st.keys
-                    .retain(|_, k| k.at.time.is_some_and(|t| t >= horizon));
-            }
+        if let Frame::Range(r) = frame
+            && call.is_multiple_of(64)
+        {
+            let horizon = st.newest - r.as_millis() as i64;
+            st.keys
+                .retain(|_, k| k.at.time.is_some_and(|t| t >= horizon));
         }
 
         let array: ArrayRef = match self.func {

@@ -544,11 +544,12 @@ async fn plan_query(
     let state = ctx.state();
     let located = |e: DataFusionError| {
         let mut d = df_error(loc, &e);
-        if d.line == loc.line && d.column == loc.column {
-            if let Some(span) = unknown_column_span(query, &d.message) {
-                d.line = span.start.line;
-                d.column = span.start.column;
-            }
+        if d.line == loc.line
+            && d.column == loc.column
+            && let Some(span) = unknown_column_span(query, &d.message)
+        {
+            d.line = span.start.line;
+            d.column = span.start.column;
         }
         d
     };
@@ -574,7 +575,7 @@ fn scanned_streams(plan: &LogicalPlan, streams: &[Stream]) -> Vec<usize> {
     streams
         .iter()
         .enumerate()
-        .filter(|(_, s)| scanned.iter().any(|t| *t == s.name))
+        .filter(|(_, s)| scanned.contains(&s.name))
         .map(|(i, _)| i)
         .collect()
 }
@@ -768,16 +769,16 @@ fn check_sink(
             )));
         }
     }
-    if let Some((schema, loc)) = earlier {
-        if schema.fields() != out.fields() {
-            return Err(q.loc.error(format!(
-                "this query's columns differ from those of the query feeding `{}` at line {}: {} vs {}",
-                sink.name,
-                loc.line,
-                describe(out),
-                describe(schema)
-            )));
-        }
+    if let Some((schema, loc)) = earlier
+        && schema.fields() != out.fields()
+    {
+        return Err(q.loc.error(format!(
+            "this query's columns differ from those of the query feeding `{}` at line {}: {} vs {}",
+            sink.name,
+            loc.line,
+            describe(out),
+            describe(schema)
+        )));
     }
     Ok(())
 }
@@ -827,17 +828,16 @@ fn nullable(s: &Schema) -> SchemaRef {
 /// A DataFusion planning error at its place in the file when DataFusion knows it.
 fn df_error(loc: &Loc, e: &DataFusionError) -> Diagnostic {
     let message = clean_message(&e.strip_backtrace());
-    if let Some(d) = e.diagnostic() {
-        if let Some(span) = d.span {
-            if span.start.line > 0 {
-                return Loc {
-                    file: loc.file.clone(),
-                    line: span.start.line,
-                    column: span.start.column,
-                }
-                .error(message);
-            }
+    if let Some(d) = e.diagnostic()
+        && let Some(span) = d.span
+        && span.start.line > 0
+    {
+        return Loc {
+            file: loc.file.clone(),
+            line: span.start.line,
+            column: span.start.column,
         }
+        .error(message);
     }
     loc.error(message)
 }

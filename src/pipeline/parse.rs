@@ -276,11 +276,10 @@ impl Parsed {
                 let mut opts = Options::new(file, &options, &loc)?;
                 let (connector, cloc) = opts.require("connector", CONNECTORS)?;
                 let mut fixed_type = |t: &str, what: &str| -> Result<String, Diagnostic> {
-                    if let Some((v, vloc)) = opts.take("type") {
-                        if !v.eq_ignore_ascii_case(t) {
+                    if let Some((v, vloc)) = opts.take("type")
+                        && !v.eq_ignore_ascii_case(t) {
                             return Err(vloc.error(format!("{what}: type = '{t}'")));
                         }
-                    }
                     Ok(t.to_string())
                 };
                 let kind = match connector.as_str() {
@@ -384,12 +383,12 @@ impl Parsed {
                 .error("a source topic must capture the device id")
                 .with_help("write e.g. topic = '{device_id}/telemetry'"));
         }
-        if let Some((f, floc)) = opts.take("format") {
-            if f != "json" {
-                return Err(floc
-                    .error(format!("unknown format `{f}`"))
-                    .with_help("valid formats: json"));
-            }
+        if let Some((f, floc)) = opts.take("format")
+            && f != "json"
+        {
+            return Err(floc
+                .error(format!("unknown format `{f}`"))
+                .with_help("valid formats: json"));
         }
         let event_time = opts.take("event_time");
         let watermark_delay = match opts.take("watermark_delay") {
@@ -588,10 +587,10 @@ fn reference(
 ) -> Result<ReferenceSpec, Diagnostic> {
     let (path_text, ploc) = opts.require_any("path")?;
     let mut path = PathBuf::from(&path_text);
-    if path.is_relative() {
-        if let Some(dir) = file.path.parent() {
-            path = dir.join(path);
-        }
+    if path.is_relative()
+        && let Some(dir) = file.path.parent()
+    {
+        path = dir.join(path);
     }
     let by_extension = match path.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("parquet") => Some("parquet"),

@@ -249,16 +249,16 @@ fn window_args(
         }
     };
     // The time column is optional: windows always run on the stream's event time.
-    if let Some(first) = exprs.first() {
-        if !matches!(first, Expr::Interval(_) | Expr::Value(_)) {
-            let ok = matches!(first, Expr::Identifier(i) if i.value == EVENT_TIME);
-            if !ok {
-                return Err(loc
+    if let Some(first) = exprs.first()
+        && !matches!(first, Expr::Interval(_) | Expr::Value(_))
+    {
+        let ok = matches!(first, Expr::Identifier(i) if i.value == EVENT_TIME);
+        if !ok {
+            return Err(loc
                     .error(format!("windows run on the stream's `{EVENT_TIME}` column, not `{first}`"))
                     .with_help("declare which payload field is the event time with the source option event_time = '<field>'"));
-            }
-            exprs.remove(0);
         }
+        exprs.remove(0);
     }
     let duration = |e: &Expr, what: &str| -> Result<Duration, Diagnostic> {
         let text = interval_text(e).ok_or_else(|| {

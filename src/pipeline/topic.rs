@@ -58,10 +58,10 @@ impl TopicPattern {
         }
         let mut seen = std::collections::HashSet::new();
         for s in &segments {
-            if let Segment::Capture(n) = s {
-                if !seen.insert(n.clone()) {
-                    return Err(format!("`{{{n}}}` is captured twice"));
-                }
+            if let Segment::Capture(n) = s
+                && !seen.insert(n.clone())
+            {
+                return Err(format!("`{{{n}}}` is captured twice"));
             }
         }
         Ok(TopicPattern {

@@ -118,13 +118,13 @@ impl ParquetTable {
         if batch.num_rows() == 0 {
             return;
         }
-        if let Some(tx) = &self.tx {
-            if tx.send(Request::Rows(batch)).is_err() {
-                tracing::error!(
-                    table = self.name,
-                    "parquet writer is gone; rows not written"
-                );
-            }
+        if let Some(tx) = &self.tx
+            && tx.send(Request::Rows(batch)).is_err()
+        {
+            tracing::error!(
+                table = self.name,
+                "parquet writer is gone; rows not written"
+            );
         }
     }
 

@@ -251,7 +251,7 @@ fn cpu_time_of_a_child_is_finer_than_a_tick() {
     // and the figure is not rounded to whole ticks.
     let me = fleetsql::bench::procs::cpu_time(std::process::id()).unwrap();
     assert!(
-        me > Duration::ZERO && me.subsec_nanos() % 1_000_000 != 0,
+        me > Duration::ZERO && !me.subsec_nanos().is_multiple_of(1_000_000),
         "{me:?}"
     );
 }

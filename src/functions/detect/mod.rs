@@ -336,7 +336,7 @@ impl ScalarUDFImpl for Detect {
         }
         st.memo = memo;
 
-        if call % 64 == 0 {
+        if call.is_multiple_of(64) {
             let horizon = st.newest.saturating_sub(FORGET_AFTER_MS);
             st.series
                 .retain(|_, s| s.at.time.is_some_and(|t| t >= horizon));

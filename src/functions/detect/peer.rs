@@ -72,13 +72,13 @@ impl WindowUDFImpl for PeerOutlier {
     }
 
     fn field(&self, args: WindowUDFFieldArgs) -> Result<FieldRef> {
-        if let Some(f) = args.input_fields().first() {
-            if !(f.data_type().is_numeric() || *f.data_type() == DataType::Null) {
-                return Err(DataFusionError::Plan(format!(
-                    "{NAME} compares numbers, not {}",
-                    f.data_type()
-                )));
-            }
+        if let Some(f) = args.input_fields().first()
+            && !(f.data_type().is_numeric() || *f.data_type() == DataType::Null)
+        {
+            return Err(DataFusionError::Plan(format!(
+                "{NAME} compares numbers, not {}",
+                f.data_type()
+            )));
         }
         Ok(Arc::new(Field::new(
             args.name(),
