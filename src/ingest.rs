@@ -65,9 +65,11 @@ pub async fn run(
     let mut opts = cfg.broker.options(&cfg.client_id)?;
     // A persistent session: while the engine is away the broker keeps its QoS 1 messages.
     opts.set_clean_session(false);
-    // Acknowledged by the log task once a message is on disk. The broker has no more
-    // unacknowledged messages out than its in-flight window, so acks never fill the
-    // request channel (which only the poll task drains).
+    // Acknowledged by the log task once a message is on disk. The broker cannot have more
+    // than 65,535 unacknowledged messages out to one client (a packet id each, and ids are
+    // 16 bits), so acks never fill the request channel (which only the poll task drains).
+    // Not its in-flight window: mosquitto 2.0.11 let out more than its
+    // `max_inflight_messages` (docs/benchmarks.md, ninth round).
     opts.set_manual_acks(true);
     opts.set_request_channel_capacity(65_536);
     let (client, mut eventloop) = crate::mqtt::client(opts, 65_536);
