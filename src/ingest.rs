@@ -65,8 +65,8 @@ pub async fn run(
     let mut opts = cfg.broker.options(&cfg.client_id)?;
     // A persistent session: while the engine is away the broker keeps its QoS 1 messages.
     opts.set_clean_session(false);
-    // Acknowledged by the log task once a message is on disk. The broker cannot have more
-    // than 65,535 unacknowledged messages out to one client (a packet id each, and ids are
+    // Acknowledged by the log task once a message is on disk. MQTT lets a broker have no more
+    // than 65,535 unacknowledged messages out to one client (each holds a packet id, ids are
     // 16 bits), so acks never fill the request channel (which only the poll task drains).
     // Not its in-flight window: mosquitto 2.0.11 let out more than its
     // `max_inflight_messages` (docs/benchmarks.md, ninth round).
