@@ -227,11 +227,8 @@ pub async fn main(cmd: BenchCommand) -> i32 {
         BenchCommand::Nightlight(a) => (Scenario::Nightlight, a),
         BenchCommand::Latency(a) => (Scenario::Latency, a),
     };
-    let run = match args.options(scenario) {
-        Ok(opts) => scenario::run(opts).await,
-        Err(e) => Err(e),
-    };
-    match run {
+    let run = async { scenario::run(args.options(scenario)?).await };
+    match run.await {
         Ok(report) => {
             println!("{}", report.markdown());
             0

@@ -66,12 +66,13 @@ impl Pinning {
             set
         };
         let cpus = members(&allowed);
-        let [first, rest @ ..] = cpus.as_slice() else {
-            anyhow::bail!("--pin needs at least two CPUs; this process may use none");
+        let (first, rest) = match cpus.as_slice() {
+            [first, rest @ ..] if !rest.is_empty() => (first, rest),
+            _ => anyhow::bail!(
+                "--pin needs at least two CPUs; this process may use {}",
+                cpus.len()
+            ),
         };
-        if rest.is_empty() {
-            anyhow::bail!("--pin needs at least two CPUs; this process may use one");
-        }
         // SAFETY: as above; CPU_SET writes within the set for ids below CPU_SETSIZE.
         unsafe {
             let mut broker: libc::cpu_set_t = std::mem::zeroed();
@@ -97,7 +98,7 @@ impl Pinning {
     }
 
     /// Makes `cmd`'s process (every thread it starts) run on `role`'s CPUs.
-    pub fn apply(pin: Option<&Pinning>, cmd: &mut Command, role: Role) {
+    fn apply(pin: Option<&Pinning>, cmd: &mut Command, role: Role) {
         use std::os::unix::process::CommandExt as _;
         let Some(set) = pin.map(|p| p.set(role)) else {
             return;
