@@ -113,6 +113,10 @@ pub struct BenchArgs {
     /// Give up waiting for the results after this many seconds.
     #[arg(long, default_value_t = 300)]
     pub timeout: u64,
+    /// Run the scenario this many times, each on a fresh broker with its own limits, and
+    /// end with the least, median and greatest of each figure.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub runs: u32,
 }
 
 impl BenchArgs {
@@ -227,17 +231,24 @@ pub async fn main(cmd: BenchCommand) -> i32 {
         BenchCommand::Nightlight(a) => (Scenario::Nightlight, a),
         BenchCommand::Latency(a) => (Scenario::Latency, a),
     };
-    let run = async { scenario::run(args.options(scenario)?).await };
-    match run.await {
-        Ok(report) => {
-            println!("{}", report.markdown());
-            0
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            1
+    let mut reports = Vec::new();
+    for _ in 0..args.runs {
+        let run = async { scenario::run(args.options(scenario)?).await };
+        match run.await {
+            Ok(report) => {
+                println!("{}", report.markdown());
+                reports.push(report);
+            }
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return 1;
+            }
         }
     }
+    if reports.len() > 1 {
+        println!("{}", scenario::summary(&reports));
+    }
+    0
 }
 
 /// The whole engine in process, fed through a channel instead of an MQTT client

@@ -180,6 +180,88 @@ impl BenchReport {
     }
 }
 
+/// The least, the median and the greatest of one figure over repeated runs.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Spread {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// `None` when no run gave the figure.
+    pub fn of(values: impl IntoIterator<Item = f64>) -> Option<Spread> {
+        let mut v: Vec<f64> = values.into_iter().filter(|x| x.is_finite()).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = match n {
+            0 => return None,
+            _ if n % 2 == 1 => v[n / 2],
+            _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        };
+        Some(Spread {
+            min: v[0],
+            median,
+            max: v[n - 1],
+        })
+    }
+}
+
+/// Several runs of one scenario (`fleetsql bench --runs N`), each against the limits
+/// measured just before it: a Markdown table with a row per run, then the least, the
+/// median and the greatest of each column. On two shared cores one run can land a
+/// quarter off the next (docs/benchmarks.md), so a figure worth quoting is a spread.
+pub fn summary(reports: &[BenchReport]) -> String {
+    let us = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6);
+    let rows: Vec<[Option<f64>; 5]> = reports
+        .iter()
+        .map(|r| {
+            [
+                r.limit().map(|l| l.load.rate()),
+                Some(r.sut.load.rate()),
+                r.ratio(),
+                us(r.sut.cpu_per_msg),
+                us(r.sut.broker_cpu_per_msg),
+            ]
+        })
+        .collect();
+    let cell = |v: Option<f64>, col: usize| match (v, col) {
+        (None, _) => "–".to_string(),
+        (Some(v), 0 | 1) => format!("{v:.0}"),
+        (Some(v), 2) => format!("{v:.2}"),
+        (Some(v), _) => format!("{v:.2} us"),
+    };
+    let mut s = format!(
+        "{} runs of `{}`:\n\n\
+         | run | limit msg/s | msg/s | × limit | CPU/msg | broker CPU/msg |\n\
+         |---|---|---|---|---|---|\n",
+        reports.len(),
+        reports.first().map_or("–".into(), |r| r.sut.system.clone()),
+    );
+    for (i, row) in rows.iter().enumerate() {
+        s += &format!("| {} |", i + 1);
+        for (col, v) in row.iter().enumerate() {
+            s += &format!(" {} |", cell(*v, col));
+        }
+        s += "\n";
+    }
+    let spreads: Vec<Option<Spread>> = (0..5)
+        .map(|col| Spread::of(rows.iter().filter_map(|r| r[col])))
+        .collect();
+    for (name, pick) in [
+        ("min", (|s: Spread| s.min) as fn(Spread) -> f64),
+        ("median", |s| s.median),
+        ("max", |s| s.max),
+    ] {
+        s += &format!("| **{name}** |");
+        for (col, sp) in spreads.iter().enumerate() {
+            s += &format!(" {} |", cell(sp.map(pick), col));
+        }
+        s += "\n";
+    }
+    s
+}
+
 /// CPU used by a process between two readings, per message.
 fn per_msg(before: Option<Duration>, after: Option<Duration>, n: u64) -> Option<Duration> {
     Some(after?.saturating_sub(before?) / n.max(1) as u32)

@@ -120,6 +120,7 @@ fn bench_scenarios_smoke() {
             no_limits: false,
             pin: false,
             timeout: 60,
+            runs: 1,
         };
         let report = rt
             .block_on(scenario::run(args.options(s).unwrap()))
@@ -204,6 +205,7 @@ fn one_thread_engine_round_trip() {
             no_limits: true,
             pin: false,
             timeout: 60,
+            runs: 1,
         };
         let report = rt
             .block_on(scenario::run(args.options(Scenario::Nightlight).unwrap()))
@@ -309,6 +311,7 @@ fn bench_pin_confines_broker_and_system() {
         no_limits: true,
         pin: true,
         timeout: 60,
+        runs: 1,
     };
     let report = tokio::runtime::Runtime::new()
         .unwrap()
@@ -344,4 +347,58 @@ fn cpu_list(cpus: &[usize]) -> String {
         i = j + 1;
     }
     out.join(",")
+}
+
+/// The spread of a figure over runs: least, median (the mean of the middle two for an
+/// even count), greatest; figures a run did not give are left out.
+#[test]
+fn spread_of_runs() {
+    use fleetsql::bench::scenario::Spread;
+    let s = Spread::of([3.0, 1.0, 2.0]).unwrap();
+    assert_eq!((s.min, s.median, s.max), (1.0, 2.0, 3.0));
+    let s = Spread::of([4.0, 1.0, f64::NAN, 2.0, 10.0]).unwrap();
+    assert_eq!((s.min, s.median, s.max), (1.0, 3.0, 10.0));
+    assert_eq!(Spread::of([f64::NAN]), None);
+    assert_eq!(Spread::of(std::iter::empty()), None);
+}
+
+/// `fleetsql bench --runs 2`: each run's table, each with its own delivery limit, then a
+/// summary with a row per run and the least, median and greatest of each column, which
+/// are those of the runs' rows.
+#[test]
+fn bench_runs_summarised() {
+    if !crate::util::have("mosquitto", "bench_runs_summarised") {
+        return;
+    }
+    let out = std::process::Command::new(crate::util::BIN)
+        .args(["bench", "filter", "--runs", "2", "--messages", "1000"])
+        .args(["--devices", "10", "--connections", "2", "--timeout", "60"])
+        .arg("--engine-arg=--fsync=off")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{stdout}");
+    assert_eq!(stdout.matches("| broker delivery limit").count(), 2, "{stdout}");
+    let summary = stdout
+        .split("2 runs of `fleetsql run --fsync=off`")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no summary in:\n{stdout}"));
+    // Column 3 of each row: fleetsql's msg/s.
+    let rate = |row: &str| -> f64 {
+        let line = summary
+            .lines()
+            .find(|l| l.starts_with(&format!("| {row} |")))
+            .unwrap_or_else(|| panic!("no row {row} in:\n{summary}"));
+        line.split('|').nth(3).unwrap().trim().parse().unwrap()
+    };
+    let (r1, r2) = (rate("1"), rate("2"));
+    assert!(r1 > 0.0 && r2 > 0.0);
+    assert_eq!(rate("**min**"), r1.min(r2));
+    assert_eq!(rate("**max**"), r1.max(r2));
+    assert!((rate("**median**") - (r1 + r2) / 2.0).abs() <= 1.0);
 }
