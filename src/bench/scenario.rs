@@ -213,28 +213,33 @@ impl Spread {
 /// quarter off the next (docs/benchmarks.md), so a figure worth quoting is a spread.
 pub fn summary(reports: &[BenchReport]) -> String {
     let us = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6);
-    let rows: Vec<[Option<f64>; 5]> = reports
+    let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
+    let rows: Vec<[Option<f64>; 8]> = reports
         .iter()
         .map(|r| {
             [
                 r.limit().map(|l| l.load.rate()),
+                r.limit().and_then(|l| us(l.cpu_per_msg)),
                 Some(r.sut.load.rate()),
                 r.ratio(),
                 us(r.sut.cpu_per_msg),
                 us(r.sut.broker_cpu_per_msg),
+                ms(r.sut.load.latency(0.5)),
+                ms(r.sut.load.latency(0.99)),
             ]
         })
         .collect();
     let cell = |v: Option<f64>, col: usize| match (v, col) {
         (None, _) => "–".to_string(),
-        (Some(v), 0 | 1) => format!("{v:.0}"),
-        (Some(v), 2) => format!("{v:.2}"),
-        (Some(v), _) => format!("{v:.2} us"),
+        (Some(v), 0 | 2) => format!("{v:.0}"),
+        (Some(v), 3) => format!("{v:.2}"),
+        (Some(v), 1 | 4 | 5) => format!("{v:.2} us"),
+        (Some(v), _) => format!("{v:.2} ms"),
     };
     let mut s = format!(
         "{} runs of `{}`:\n\n\
-         | run | limit msg/s | msg/s | × limit | CPU/msg | broker CPU/msg |\n\
-         |---|---|---|---|---|---|\n",
+         | run | limit msg/s | limit CPU/msg | msg/s | × limit | CPU/msg | broker CPU/msg | p50 | p99 |\n\
+         |---|---|---|---|---|---|---|---|---|\n",
         reports.len(),
         reports.first().map_or("–".into(), |r| r.sut.system.clone()),
     );
@@ -245,7 +250,7 @@ pub fn summary(reports: &[BenchReport]) -> String {
         }
         s += "\n";
     }
-    let spreads: Vec<Option<Spread>> = (0..5)
+    let spreads: Vec<Option<Spread>> = (0..rows.first().map_or(0, |r| r.len()))
         .map(|col| Spread::of(rows.iter().filter_map(|r| r[col])))
         .collect();
     for (name, pick) in [
