@@ -207,6 +207,27 @@ impl Spread {
     }
 }
 
+/// How a column of [`summary`] is printed.
+#[derive(Clone, Copy)]
+enum Unit {
+    Rate,
+    Ratio,
+    Micros,
+    Millis,
+}
+
+/// The columns of [`summary`], in the order of its rows' figures.
+const SUMMARY_COLUMNS: [(&str, Unit); 8] = [
+    ("limit msg/s", Unit::Rate),
+    ("limit CPU/msg", Unit::Micros),
+    ("msg/s", Unit::Rate),
+    ("× limit", Unit::Ratio),
+    ("CPU/msg", Unit::Micros),
+    ("broker CPU/msg", Unit::Micros),
+    ("p50", Unit::Millis),
+    ("p99", Unit::Millis),
+];
+
 /// Several runs of one scenario (`fleetsql bench --runs N`), each against the limits
 /// measured just before it: a Markdown table with a row per run, then the least, the
 /// median and the greatest of each column. On two shared cores one run can land a
@@ -214,7 +235,7 @@ impl Spread {
 pub fn summary(reports: &[BenchReport]) -> String {
     let us = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e6);
     let ms = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1e3);
-    let rows: Vec<[Option<f64>; 8]> = reports
+    let rows: Vec<[Option<f64>; SUMMARY_COLUMNS.len()]> = reports
         .iter()
         .map(|r| {
             [
@@ -229,28 +250,40 @@ pub fn summary(reports: &[BenchReport]) -> String {
             ]
         })
         .collect();
-    let cell = |v: Option<f64>, col: usize| match (v, col) {
+    let cell = |v: Option<f64>, col: usize| match (v, SUMMARY_COLUMNS[col].1) {
         (None, _) => "–".to_string(),
-        (Some(v), 0 | 2) => format!("{v:.0}"),
-        (Some(v), 3) => format!("{v:.2}"),
-        (Some(v), 1 | 4 | 5) => format!("{v:.2} us"),
-        (Some(v), _) => format!("{v:.2} ms"),
+        (Some(v), Unit::Rate) => format!("{v:.0}"),
+        (Some(v), Unit::Ratio) => format!("{v:.2}"),
+        (Some(v), Unit::Micros) => format!("{v:.2} us"),
+        (Some(v), Unit::Millis) => format!("{v:.2} ms"),
+    };
+    let line = |first: &str, cells: &mut dyn Iterator<Item = String>| {
+        let mut l = format!("| {first} |");
+        for c in cells {
+            l += &format!(" {c} |");
+        }
+        l + "\n"
     };
     let mut s = format!(
-        "{} runs of `{}`:\n\n\
-         | run | limit msg/s | limit CPU/msg | msg/s | × limit | CPU/msg | broker CPU/msg | p50 | p99 |\n\
-         |---|---|---|---|---|---|---|---|---|\n",
+        "{} runs of `{}`:\n\n",
         reports.len(),
         reports.first().map_or("–".into(), |r| r.sut.system.clone()),
     );
+    s += &line(
+        "run",
+        &mut SUMMARY_COLUMNS.iter().map(|(h, _)| h.to_string()),
+    );
+    s += &line(
+        "---",
+        &mut SUMMARY_COLUMNS.iter().map(|_| "---".to_string()),
+    );
     for (i, row) in rows.iter().enumerate() {
-        s += &format!("| {} |", i + 1);
-        for (col, v) in row.iter().enumerate() {
-            s += &format!(" {} |", cell(*v, col));
-        }
-        s += "\n";
+        s += &line(
+            &(i + 1).to_string(),
+            &mut row.iter().enumerate().map(|(col, v)| cell(*v, col)),
+        );
     }
-    let spreads: Vec<Option<Spread>> = (0..rows.first().map_or(0, |r| r.len()))
+    let spreads: Vec<Option<Spread>> = (0..SUMMARY_COLUMNS.len())
         .map(|col| Spread::of(rows.iter().filter_map(|r| r[col])))
         .collect();
     for (name, pick) in [
@@ -258,11 +291,13 @@ pub fn summary(reports: &[BenchReport]) -> String {
         ("median", |s| s.median),
         ("max", |s| s.max),
     ] {
-        s += &format!("| **{name}** |");
-        for (col, sp) in spreads.iter().enumerate() {
-            s += &format!(" {} |", cell(sp.map(pick), col));
-        }
-        s += "\n";
+        s += &line(
+            &format!("**{name}**"),
+            &mut spreads
+                .iter()
+                .enumerate()
+                .map(|(col, sp)| cell(sp.map(pick), col)),
+        );
     }
     s
 }
