@@ -231,10 +231,16 @@ pub async fn main(cmd: BenchCommand) -> i32 {
         BenchCommand::Nightlight(a) => (Scenario::Nightlight, a),
         BenchCommand::Latency(a) => (Scenario::Latency, a),
     };
+    let opts = match args.options(scenario) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return 1;
+        }
+    };
     let mut reports = Vec::new();
     for _ in 0..args.runs {
-        let run = async { scenario::run(args.options(scenario)?).await };
-        match run.await {
+        match scenario::run(opts.clone()).await {
             Ok(report) => {
                 println!("{}", report.markdown());
                 reports.push(report);
