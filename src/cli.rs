@@ -116,12 +116,13 @@ pub struct RunArgs {
     /// broker holds the backlog instead).
     #[arg(long, default_value_t = 64 << 20)]
     pub max_backlog_bytes: usize,
-    /// With QoS 0 sources above 20,000 readings/s, group readings for up to this long
-    /// (e.g. `1ms`) before they go to the device shards, so each hop (shards, SQL,
-    /// command sink) runs once for many. It costs about 2 ms of latency (p50 0.9 → 3 ms
-    /// at 25k readings/s) and saved a third of the CPU per reading at that rate; flat out,
-    /// since the log writes once per sync, the saving is within the noise (see
-    /// docs/benchmarks.md). Below that rate, and at QoS 1, every reading goes on at once.
+    /// Above 20,000 readings/s, group readings for up to this long (e.g. `1ms`) before
+    /// they go to the device shards, so each hop (shards, SQL, command sink, Parquet
+    /// writers) runs once for many. It costs about 2 ms of latency (p50 0.9 → 3 ms at 25k
+    /// readings/s, QoS 0) and saves a third of the CPU per reading at such rates (QoS 0 at
+    /// 25k, QoS 1 at 60k: the broker delivers QoS 1 in smaller pieces). Flat out at QoS 1
+    /// it cost a filter a fifth of its rate and did not cost an aggregation over 10,000
+    /// devices (see docs/benchmarks.md). Below that rate every reading goes on at once.
     /// Off by default (`Linger::DEFAULT`).
     #[arg(long, value_parser = duration)]
     pub linger: Option<Duration>,

@@ -595,8 +595,7 @@ impl Router {
 /// bursts of a few dozen, and that fixed work was a fifth of the engine's CPU (nightlight
 /// at QoS 0, docs/benchmarks.md). At low rates the wait would be pure latency, and the CPU
 /// it saves is small in absolute terms, so the router holds batches only while the rate
-/// it measures over the last 100 ms is above `BUSY_RATE`. Only for QoS 0 subscriptions (see
-/// where the engine builds the router).
+/// it measures over the last 100 ms is above `BUSY_RATE`.
 pub struct Linger {
     max_wait: Duration,
     /// Start of the current measurement window and the readings routed in it.
