@@ -23,7 +23,7 @@ struct Args {
     /// Device actors retire after this many idle seconds.
     #[arg(long, default_value_t = 15)]
     idle_timeout: u64,
-    /// Shard routers (threads); default one per core.
+    /// Shard routers (threads); `0` for one on the main thread. Default: as `fleetsql run`.
     #[arg(long)]
     shards: Option<usize>,
     /// `cargo bench` passes this; ignored.
@@ -39,11 +39,7 @@ fn main() -> anyhow::Result<()> {
         seconds: args.seconds,
         window: Duration::from_secs(args.window),
         idle_timeout: Duration::from_secs(args.idle_timeout),
-        shards: args.shards.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(2)
-        }),
+        shards: args.shards.unwrap_or_else(fleetsql::device::default_shards),
         max_backlog: 64 << 20,
         data_dir: dir.path().to_path_buf(),
         verbose: true,
@@ -51,7 +47,7 @@ fn main() -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let report = rt.block_on(fleetsql::bench::fleet::run(opts))?;
+    let report = fleetsql::device::block_on(opts.shards, rt, fleetsql::bench::fleet::run(opts))?;
     println!("{}", report.markdown());
     Ok(())
 }

@@ -96,13 +96,13 @@ pub struct RunArgs {
     /// keeping the windows in the checkpoint for the next start.
     #[arg(long)]
     pub drain: bool,
-    /// Number of device shards (actix arbiters, one thread each); default: one per core.
-    /// `0`: one shard on the runtime's own thread, so ingest, the device actors, the SQL
-    /// and the command sink hand readings on without waking another thread (Parquet and
-    /// the log's fsync keep their threads). It cost up to 40 % less CPU per reading in most
-    /// benchmarks, and kept up with the broker for 10,000 devices at QoS 1 where the
-    /// default did not, but a flat-out QoS 1 filter over 1,000 devices ran up to a
-    /// quarter slower with it (docs/benchmarks.md).
+    /// Number of device shards (actix arbiters, one thread each). `0`: one shard on the
+    /// runtime's own thread, so ingest, the device actors, the SQL and the command sink hand
+    /// readings on without waking another thread (Parquet and the log's fsync keep their
+    /// threads). Default: `0` on two cores or fewer, where the broker shares the cores with
+    /// the engine (it cost 20-40 % less CPU per reading there and kept up with the broker
+    /// for 10,000 devices at QoS 1 where two shard threads did not); otherwise one per
+    /// core (docs/benchmarks.md).
     #[arg(long)]
     pub shards: Option<usize>,
     /// Worker threads of the async runtime that carries ingest, the log, topic routing,
@@ -192,6 +192,11 @@ impl ReplayArgs {
 }
 
 impl RunArgs {
+    /// `--shards`, or the default for this machine.
+    pub fn shards(&self) -> usize {
+        self.shards.unwrap_or_else(crate::device::default_shards)
+    }
+
     pub fn engine_config(&self) -> anyhow::Result<EngineConfig> {
         let broker = match &self.broker {
             Some(b) => {
@@ -221,11 +226,7 @@ impl RunArgs {
             linger: self.linger.unwrap_or(crate::ingest::Linger::DEFAULT),
             fsync: self.fsync,
             drain_on_stop: self.drain,
-            shards: self.shards.unwrap_or_else(|| {
-                std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2)
-            }),
+            shards: self.shards(),
         })
     }
 }
@@ -263,9 +264,16 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    // `run --shards 0` runs on an actix system's current-thread runtime, where the one
+    // With no shard threads (`run` or `bench core` with `--shards 0`, the default on two
+    // cores) the command runs on an actix system's current-thread runtime, where the one
     // shard's actors are started beside ingest and the runner (device::start_shards).
-    let inline = matches!(&cli.command, Command::Run(a) if a.shards == Some(0));
+    let shards = match &cli.command {
+        Command::Run(a) => a.shards(),
+        Command::Bench(crate::bench::BenchCommand::Core { shards, .. }) => {
+            shards.unwrap_or_else(crate::device::default_shards)
+        }
+        _ => 1,
+    };
     let main = async move {
         match cli.command {
             Command::Check { pipelines } => match crate::pipeline::load(&pipelines).await {
@@ -348,11 +356,7 @@ pub fn main() -> i32 {
             }
         }
     };
-    if inline {
-        actix::System::new().block_on(main)
-    } else {
-        rt.block_on(main)
-    }
+    crate::device::block_on(shards, rt, main)
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -21,6 +21,8 @@ pub struct CoreOptions {
     pub devices: usize,
     /// Readings in all (rounded down to a multiple of `devices`).
     pub messages: u64,
+    /// Shard threads; `0`: one shard on the caller's thread, which must then be an actix
+    /// system's (`device::block_on`).
     pub shards: usize,
     /// Where the Parquet tables go; the caller cleans it up.
     pub data_dir: PathBuf,
@@ -81,7 +83,7 @@ pub async fn run(opts: CoreOptions) -> anyhow::Result<CoreReport> {
         .await
         .map_err(|d| anyhow::anyhow!("{d}"))?;
     let mut cfg = EngineConfig::in_process(vec![pipeline_path], opts.data_dir.join("data"))?;
-    cfg.shards = opts.shards.max(1);
+    cfg.shards = opts.shards;
     cfg.drain_on_stop = true;
     let data_dir = cfg.data_dir.clone();
 

@@ -31,6 +31,8 @@ pub struct Options {
     pub window: Duration,
     /// Device actors retire after this long without a message.
     pub idle_timeout: Duration,
+    /// Shard threads; `0`: one shard on the caller's thread, which must then be an actix
+    /// system's (`device::block_on`).
     pub shards: usize,
     /// The engine's `--max-backlog-bytes`.
     pub max_backlog: usize,
@@ -152,7 +154,7 @@ pub async fn run(opts: Options) -> anyhow::Result<Report> {
         .map_err(|d| anyhow::anyhow!("{d}"))?;
     let mut cfg = EngineConfig::in_process(vec![pipeline_path], opts.data_dir.join("data"))?;
     cfg.device_idle_timeout = opts.idle_timeout;
-    cfg.shards = opts.shards.max(1);
+    cfg.shards = opts.shards;
     cfg.max_backlog = opts.max_backlog;
     // Files commit every two seconds (the default here), so idle memory is not rows
     // waiting in a writer.

@@ -43,7 +43,7 @@ pub enum BenchCommand {
         messages: u64,
         #[arg(long, default_value_t = 10_000)]
         devices: usize,
-        /// Shard routers (threads); default one per core.
+        /// Shard routers (threads); `0` for one on the main thread. Default: as `fleetsql run`.
         #[arg(long)]
         shards: Option<usize>,
     },
@@ -211,8 +211,7 @@ pub async fn main(cmd: BenchCommand) -> i32 {
             let opts = core::CoreOptions {
                 devices,
                 messages,
-                shards: shards
-                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+                shards: shards.unwrap_or_else(crate::device::default_shards),
                 data_dir: dir.path().to_path_buf(),
             };
             return match core::run(opts).await {
@@ -274,7 +273,8 @@ impl InProcess {
         let metrics = crate::metrics::Metrics::new();
         let (tx, rx) = tokio::sync::mpsc::channel(16_384);
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let engine = tokio::spawn(crate::engine::run_with(
+        let inline = cfg.shards == 0;
+        let engine = crate::engine::run_with(
             cfg,
             pipeline,
             crate::engine::Input::Channel(rx),
@@ -282,7 +282,14 @@ impl InProcess {
             async {
                 let _ = stop_rx.await;
             },
-        ));
+        );
+        // With no shard threads the engine's actors live on this thread's actix system,
+        // whose tasks are local ones.
+        let engine = if inline {
+            tokio::task::spawn_local(engine)
+        } else {
+            tokio::spawn(engine)
+        };
         InProcess {
             tx,
             metrics,

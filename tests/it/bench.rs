@@ -5,35 +5,50 @@ use std::time::Duration;
 
 /// The fleet benchmark with 300 devices: every reading stored (raw table and per-device
 /// counts read back from Parquet), every window's results out, every actor retired.
+/// With two shard threads, and with none (`0`, the default on two cores: the actors on
+/// the caller's actix system).
 #[test]
 fn fleet_benchmark_smoke() {
-    let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let report = rt
-        .block_on(fleetsql::bench::fleet::run(
-            fleetsql::bench::fleet::Options {
+    for shards in [2, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let report = fleetsql::device::block_on(
+            shards,
+            rt,
+            fleetsql::bench::fleet::run(fleetsql::bench::fleet::Options {
                 devices: 300,
                 seconds: 3,
                 window: Duration::from_secs(1),
                 idle_timeout: Duration::from_secs(2),
-                shards: 2,
+                shards,
                 max_backlog: 64 << 20,
                 data_dir: dir.path().to_path_buf(),
                 verbose: false,
-            },
-        ))
-        .unwrap();
-    println!("{}", report.markdown());
-    assert_eq!(report.readings, 900, "3 s of 300 devices at 1/s");
-    assert_eq!(report.raw_rows, 900, "every reading in the raw table");
-    assert_eq!(
-        report.aggregated_rows, 900,
-        "every reading in a window's count"
-    );
-    assert_eq!(report.actors_peak, 300);
-    assert_eq!(report.actors_after_retire, 0, "idle actors retired");
-    assert_eq!(report.window_close.len(), 3, "each 1-second window closed");
-    assert!(report.rss_peak >= report.rss_baseline && report.rss_baseline > 0);
+            }),
+        )
+        .unwrap_or_else(|e| panic!("shards {shards}: {e:#}"));
+        println!("shards {shards}\n{}", report.markdown());
+        assert_eq!(report.readings, 900, "3 s of 300 devices at 1/s");
+        assert_eq!(
+            report.raw_rows, 900,
+            "shards {shards}: every reading in the raw table"
+        );
+        assert_eq!(
+            report.aggregated_rows, 900,
+            "shards {shards}: every reading in a window's count"
+        );
+        assert_eq!(report.actors_peak, 300, "shards {shards}");
+        assert_eq!(
+            report.actors_after_retire, 0,
+            "shards {shards}: idle actors retired"
+        );
+        assert_eq!(
+            report.window_close.len(),
+            3,
+            "shards {shards}: each 1-second window closed"
+        );
+        assert!(report.rss_peak >= report.rss_baseline && report.rss_baseline > 0);
+    }
 }
 
 /// Each micro-benchmark body (benches/micro.rs) once at a tiny size: every reading comes
@@ -161,24 +176,31 @@ fn bench_scenarios_smoke() {
         assert!(report.sut.cpu_per_msg.is_some_and(|c| c > Duration::ZERO));
     }
 
-    let dir = tempfile::tempdir().unwrap();
-    let core = rt
-        .block_on(fleetsql::bench::core::run(
-            fleetsql::bench::core::CoreOptions {
+    // d, the core path, with two shard threads and with none.
+    for shards in [2, 0] {
+        let dir = tempfile::tempdir().unwrap();
+        let core = fleetsql::device::block_on(
+            shards,
+            tokio::runtime::Runtime::new().unwrap(),
+            fleetsql::bench::core::run(fleetsql::bench::core::CoreOptions {
                 devices: 100,
                 messages: 20_000,
-                shards: 2,
+                shards,
                 data_dir: dir.path().to_path_buf(),
-            },
-        ))
-        .unwrap();
-    println!("{}", core.markdown());
-    assert_eq!(core.readings, 20_000);
-    assert_eq!(core.raw_rows, 20_000, "every reading in the raw table");
-    assert_eq!(
-        core.aggregated_rows, 20_000,
-        "every reading in a window's count"
-    );
+            }),
+        )
+        .unwrap_or_else(|e| panic!("core, shards {shards}: {e:#}"));
+        println!("shards {shards}\n{}", core.markdown());
+        assert_eq!(core.readings, 20_000);
+        assert_eq!(
+            core.raw_rows, 20_000,
+            "shards {shards}: every reading in the raw table"
+        );
+        assert_eq!(
+            core.aggregated_rows, 20_000,
+            "shards {shards}: every reading in a window's count"
+        );
+    }
 }
 
 /// `fleetsql run --shards 0` (the one shard on the runtime's own thread, no arbiters)
