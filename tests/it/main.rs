@@ -19,5 +19,6 @@ mod nab;
 mod pipeline;
 mod reload;
 mod replay;
+mod runner;
 mod util;
 mod window;
