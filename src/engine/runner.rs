@@ -253,13 +253,14 @@ pub struct ReloadContext {
 /// How often reference files are checked for changes.
 const REFERENCE_CHECK_MS: i64 = 1000;
 
-/// Rows a stream read only by queries into tables gathers before they run on it; the
-/// runner's tick (every 50 ms), a checkpoint and a stop run them on whatever is queued.
-/// Their rows wait for the next file commit anyway, and each run of a query has a fixed
-/// cost (about 13 us for a filter: a plan execution, a batch handed to the Parquet
-/// writer's thread), which a broker delivering QoS 1 a dozen readings at a time would
-/// otherwise pay per dozen. Streams that feed views or command sinks never wait: their
-/// commands go out as soon as the readings arrive.
+/// Rows a stream read only by queries into tables gathers before they run on it, and
+/// rows a source gathers before they go to its raw table; the runner's tick (every
+/// 50 ms), a checkpoint, a reload and a stop hand on whatever is queued. These rows wait
+/// for the next file commit anyway, and each run of a query or hand-over has a fixed cost
+/// (about 13 us for a filter: a plan execution, a batch handed to the Parquet writer's
+/// thread, which wakes it), which a broker delivering QoS 1 a dozen readings at a time
+/// would otherwise pay per dozen. Streams that feed views or command sinks never wait:
+/// their commands go out as soon as the readings arrive.
 pub const GATHER_ROWS: usize = 8192;
 
 pub struct Runner {
@@ -275,6 +276,8 @@ pub struct Runner {
     now: i64,
     /// Per stream: rows waiting for the views and micro-batch queries that read it.
     pending: Vec<Vec<RecordBatch>>,
+    /// Per source: rows on their way to its raw table, handed over by [`GATHER_ROWS`].
+    raw_pending: Vec<Vec<RecordBatch>>,
     /// Per stream: the views computed from it.
     views: Vec<Vec<usize>>,
     /// Per stream: the micro-batch queries reading it.
@@ -301,6 +304,7 @@ pub struct Runner {
 impl Runner {
     pub fn new(pipeline: CompiledPipeline, outputs: Outputs, metrics: Arc<Metrics>) -> Runner {
         let n = pipeline.streams.len();
+        let sources = pipeline.sources.len();
         let windows = (0..pipeline.queries.len())
             .map(|qi| empty_windows(&pipeline, qi))
             .collect();
@@ -324,6 +328,7 @@ impl Runner {
             clocks,
             now: i64::MIN,
             pending: vec![Vec::new(); n],
+            raw_pending: vec![Vec::new(); sources],
             views: vec![],
             micro: vec![],
             gathers: vec![],
@@ -865,6 +870,7 @@ impl Runner {
         let Some(s) = self.pipeline.streams.get(stream) else {
             return;
         };
+        let event_time = s.event_time;
         let mut batch = batch;
         if let StreamKind::Source(i) = s.kind {
             if let Some(d) = self.dedupe.get_mut(i).and_then(|d| d.as_mut()) {
@@ -884,9 +890,16 @@ impl Runner {
                 .rows_ingested
                 .with_label_values(&[&s.name])
                 .inc_by(batch.num_rows() as u64);
-            self.outputs.raw[i].write_table(batch.clone());
+            // Gathered, as a table-only stream's rows are: one batch (and one wake-up of
+            // the writer's thread) per GATHER_ROWS rather than per read of the socket.
+            if let Some(raw) = self.raw_pending.get_mut(i) {
+                raw.push(batch.clone());
+                if raw.iter().map(|b| b.num_rows()).sum::<usize>() >= GATHER_ROWS {
+                    self.write_raw(i);
+                }
+            }
         }
-        if let Some(et) = s.event_time {
+        if let Some(et) = event_time {
             self.clocks[stream].observe(&batch, et, now);
         }
         self.push(stream, batch);
@@ -973,8 +986,31 @@ impl Runner {
 
     /// Computes views and micro-batch queries over everything queued. Streams are in
     /// declaration order, so a view's rows are queued before its own turn comes.
+    /// Raw rows that have gathered go to their tables first.
     pub async fn run_micro_batches(&mut self) {
+        for i in 0..self.raw_pending.len() {
+            self.write_raw(i);
+        }
         self.run_micro_batches_of(|_, _| true).await
+    }
+
+    /// Hands the raw rows gathered for source `i` to its raw table, as one batch.
+    fn write_raw(&mut self, i: usize) {
+        let mut batches = std::mem::take(&mut self.raw_pending[i]);
+        let out = &self.outputs.raw[i];
+        if batches.len() <= 1 {
+            batches.pop().into_iter().for_each(|b| out.write_table(b));
+            return;
+        }
+        let first = &batches[0];
+        match datafusion::arrow::compute::concat_batches(&first.schema(), &batches) {
+            Ok(b) => out.write_table(b),
+            Err(e) => {
+                // Rows of one source share its schema; should they not, nothing is lost.
+                tracing::warn!("cannot join raw rows into one batch: {e}");
+                batches.into_iter().for_each(|b| out.write_table(b));
+            }
+        }
     }
 
     /// The same, as rows arrive: a stream whose rows only go to tables waits until it

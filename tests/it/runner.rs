@@ -1,6 +1,6 @@
-//! When the pipeline runner runs its micro-batch queries (those without a window): a
-//! stream read only by queries into tables gathers rows first, one read by a command
-//! sink runs its queries at once.
+//! When the pipeline runner runs its micro-batch queries (those without a window) and
+//! writes raw rows: a stream read only by queries into tables gathers rows first, as do
+//! the raw tables; one read by a command sink runs its queries at once.
 
 use std::sync::{Arc, Mutex};
 
@@ -38,8 +38,9 @@ async fn table_only_queries_gather_rows_and_command_queries_run_at_once() {
     let streams = [pipeline.stream("a").unwrap(), pipeline.stream("b").unwrap()];
     let (hot, hot_rows) = Output::capture();
     let (cmd, cmd_rows) = Output::capture();
+    let (raw_a, raw_rows) = Output::capture();
     let outputs = Outputs {
-        raw: vec![Output::Discard, Output::Discard],
+        raw: vec![raw_a, Output::Discard],
         sinks: vec![hot, cmd],
         dead_letters: Output::Discard,
         late_rows: Output::Discard,
@@ -65,6 +66,7 @@ async fn table_only_queries_gather_rows_and_command_queries_run_at_once() {
     runner.run_due_micro_batches().await;
     assert_eq!(rows(&cmd_rows), 3, "a command query runs on every arrival");
     assert_eq!(rows(&hot_rows), 0, "a table-only query waits for more rows");
+    assert_eq!(rows(&raw_rows), 0, "raw rows wait for more rows");
 
     // Enough to run on.
     send(&mut runner, 0, GATHER_ROWS);
@@ -73,6 +75,12 @@ async fn table_only_queries_gather_rows_and_command_queries_run_at_once() {
         rows(&hot_rows),
         10 + GATHER_ROWS,
         "a table-only query runs once its stream holds GATHER_ROWS, over every row queued"
+    );
+    assert_eq!(rows(&raw_rows), 10 + GATHER_ROWS, "so do raw rows");
+    assert_eq!(
+        raw_rows.lock().unwrap().len(),
+        1,
+        "gathered raw rows go to the table as one batch"
     );
 
     // The runner's tick runs whatever is queued, however little.
