@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use datafusion::arrow::array::{Array, BooleanArray, TimestampMillisecondArray, UInt32Array};
-use datafusion::arrow::compute::{filter_record_batch, take_record_batch};
+use datafusion::arrow::compute::{concat_batches, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::row::{RowConverter, SortField};
@@ -239,6 +239,9 @@ fn times(batch: &RecordBatch, et: usize) -> Option<&TimestampMillisecondArray> {
         .downcast_ref::<TimestampMillisecondArray>()
 }
 
+/// Rows a pane's trailing small batches are joined into one batch at (see `Panes::put`).
+const COALESCE_ROWS: usize = 4096;
+
 /// TUMBLE (slide = size) and HOP windows of one query, as panes of one slide.
 pub struct Panes {
     size: i64,
@@ -267,10 +270,30 @@ impl Panes {
 
     fn put(&mut self, pane: i64, input: usize, batch: RecordBatch) {
         let n = self.inputs;
-        self.panes
+        let batches = &mut self
+            .panes
             .entry(pane)
-            .or_insert_with(|| vec![Vec::new(); n])[input]
-            .push(batch);
+            .or_insert_with(|| vec![Vec::new(); n])[input];
+        batches.push(batch);
+        // Under QoS 1 a pane receives a batch per dozen readings: thousands a second, each
+        // a step of the window's query at its close. Every so often the small batches at
+        // the end are joined into one, once they hold enough rows.
+        if batches.len() % 32 == 0 {
+            let small = batches
+                .iter()
+                .rev()
+                .take_while(|b| b.num_rows() < COALESCE_ROWS)
+                .count();
+            let from = batches.len() - small;
+            let rows: usize = batches[from..].iter().map(|b| b.num_rows()).sum();
+            if small > 1 && rows >= COALESCE_ROWS {
+                let schema = batches[from].schema();
+                if let Ok(joined) = concat_batches(&schema, &batches[from..]) {
+                    batches.truncate(from);
+                    batches.push(joined);
+                }
+            }
+        }
     }
 
     /// A row is late when the first window it belongs to has closed; it still counts in

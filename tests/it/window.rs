@@ -51,6 +51,25 @@ fn rows_land_in_their_window_and_the_end_is_exclusive() {
     assert_eq!(rest[0].rows(), 2);
 }
 
+/// Under QoS 1 a pane receives thousands of small batches; they are joined as they
+/// accumulate, and no row is lost or counted twice.
+#[test]
+fn many_small_batches_in_a_pane_are_joined() {
+    let mut w = Windows::Panes(Panes::new(1000, 1000, 1));
+    for i in 0..320 {
+        let t = (i * 3) as i64;
+        assert_eq!(w.add(0, &rows(&[t; 20]), 1).rows(), 0);
+    }
+    let closed = w.close_all();
+    assert_eq!(closed.len(), 1);
+    assert_eq!(closed[0].rows(), 320 * 20, "every row once");
+    let batches = closed[0].inputs[0].len();
+    assert!(
+        batches < 320 / 2,
+        "{batches} batches for 320 small ones handed in"
+    );
+}
+
 #[test]
 fn hop_windows_overlap_and_share_rows() {
     // 3 s windows every second: a row at 2.5 s is in [0,3), [1,4) and [2,5).
