@@ -276,8 +276,13 @@ pub struct Runner {
     now: i64,
     /// Per stream: rows waiting for the views and micro-batch queries that read it.
     pending: Vec<Vec<RecordBatch>>,
-    /// Per source: rows on their way to its raw table, handed over by [`GATHER_ROWS`].
+    /// Per source: rows on their way to its raw table, handed over by [`GATHER_ROWS`],
+    /// and their size in bytes.
     raw_pending: Vec<Vec<RecordBatch>>,
+    raw_pending_bytes: Vec<usize>,
+    /// Bytes of rows taken off the channel and still held here (gathering), not yet
+    /// released to the backlog (see [`Runner::release`]).
+    held: usize,
     /// Per stream: the views computed from it.
     views: Vec<Vec<usize>>,
     /// Per stream: the micro-batch queries reading it.
@@ -329,6 +334,8 @@ impl Runner {
             now: i64::MIN,
             pending: vec![Vec::new(); n],
             raw_pending: vec![Vec::new(); sources],
+            raw_pending_bytes: vec![0; sources],
+            held: 0,
             views: vec![],
             micro: vec![],
             gathers: vec![],
@@ -811,9 +818,9 @@ impl Runner {
                     let now = crate::time::now_ms();
                     // Take what is queued before running queries, so batches grow with
                     // load; but no more than the backlog's worth: rows count in the
-                    // backlog until the queries have run over them (but for the few a
-                    // table-only stream gathers, see `GATHER_ROWS`), and windows must
-                    // still close under a steady stream.
+                    // backlog until the queries have run over them (gathered ones until
+                    // they are written, see `release`), and windows must still close
+                    // under a steady stream.
                     let limit = self.backlog.as_ref().map_or(64 << 20, |b| b.limit());
                     let mut taken = 0;
                     while let Some(ev) = next {
@@ -838,12 +845,19 @@ impl Runner {
                         next = if taken < limit { rx.try_recv().ok() } else { None };
                     }
                     self.run_due_micro_batches().await;
-                    if let Some(b) = &self.backlog {
-                        b.done(taken);
+                    // Gathered rows count in the backlog: they may not take more than
+                    // half of it, or a small backlog would pass one backlog's worth a tick.
+                    let gathered: usize = self.raw_pending_bytes.iter().sum();
+                    if self.backlog.as_ref().is_some_and(|b| gathered * 2 >= b.limit()) {
+                        self.run_micro_batches().await;
                     }
+                    self.release(taken);
                     if finish.is_some() { break; }
                 }
-                _ = tick.tick() => self.tick(crate::time::now_ms()).await,
+                _ = tick.tick() => {
+                    self.tick(crate::time::now_ms()).await;
+                    self.release(0);
+                }
             }
         }
         match finish {
@@ -861,6 +875,7 @@ impl Runner {
             }
             None => self.finish().await,
         }
+        self.release(0);
         self.outputs
     }
 
@@ -893,6 +908,7 @@ impl Runner {
             // Gathered, as a table-only stream's rows are: one batch (and one wake-up of
             // the writer's thread) per GATHER_ROWS rather than per read of the socket.
             if let Some(raw) = self.raw_pending.get_mut(i) {
+                self.raw_pending_bytes[i] += batch.get_array_memory_size();
                 raw.push(batch.clone());
                 if raw.iter().map(|b| b.num_rows()).sum::<usize>() >= GATHER_ROWS {
                     self.write_raw(i);
@@ -994,9 +1010,26 @@ impl Runner {
         self.run_micro_batches_of(|_, _| true).await
     }
 
+    /// Tells the backlog that rows of `taken` bytes came off the channel, less what this
+    /// runner still holds gathering (every row gathers in its source's raw rows, and a
+    /// table-only query's rows are written at the same count or tick as those). So a slow
+    /// query over gathered rows still holds ingest back. Never more than was taken.
+    fn release(&mut self, taken: usize) {
+        let held = self
+            .raw_pending_bytes
+            .iter()
+            .sum::<usize>()
+            .min(self.held + taken);
+        if let Some(b) = &self.backlog {
+            b.done(self.held + taken - held);
+        }
+        self.held = held;
+    }
+
     /// Hands the raw rows gathered for source `i` to its raw table, as one batch.
     fn write_raw(&mut self, i: usize) {
         let mut batches = std::mem::take(&mut self.raw_pending[i]);
+        self.raw_pending_bytes[i] = 0;
         let out = &self.outputs.raw[i];
         if batches.len() <= 1 {
             batches.pop().into_iter().for_each(|b| out.write_table(b));
