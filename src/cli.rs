@@ -264,14 +264,14 @@ pub fn main() -> i32 {
             return 1;
         }
     };
-    // With no shard threads (`run` or `bench core` with `--shards 0`, the default on two
-    // cores) the command runs on an actix system's current-thread runtime, where the one
-    // shard's actors are started beside ingest and the runner (device::start_shards).
+    // With no shard threads (`run --shards 0`, the default on two cores, or `bench core
+    // --shards 0`) the command runs on an actix system's current-thread runtime, where the
+    // one shard's actors are started beside ingest and the runner (device::start_shards).
     let shards = match &cli.command {
         Command::Run(a) => a.shards(),
-        Command::Bench(crate::bench::BenchCommand::Core { shards, .. }) => {
-            shards.unwrap_or_else(crate::device::default_shards)
-        }
+        Command::Bench(crate::bench::BenchCommand::Core {
+            shards: Some(0), ..
+        }) => 0,
         _ => 1,
     };
     let main = async move {

@@ -43,7 +43,8 @@ pub enum BenchCommand {
         messages: u64,
         #[arg(long, default_value_t = 10_000)]
         devices: usize,
-        /// Shard routers (threads); `0` for one on the main thread. Default: as `fleetsql run`.
+        /// Shard routers (threads); `0` for one on the main thread. Default: one per core
+        /// (no broker shares the cores here).
         #[arg(long)]
         shards: Option<usize>,
     },
@@ -211,7 +212,11 @@ pub async fn main(cmd: BenchCommand) -> i32 {
             let opts = core::CoreOptions {
                 devices,
                 messages,
-                shards: shards.unwrap_or_else(crate::device::default_shards),
+                // No broker shares the box here, so the core path gets a shard thread per
+                // core (`fleetsql run`'s default on bigger machines), not `run`'s default
+                // for two cores.
+                shards: shards
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
                 data_dir: dir.path().to_path_buf(),
             };
             return match core::run(opts).await {
