@@ -263,6 +263,15 @@ const REFERENCE_CHECK_MS: i64 = 1000;
 /// their commands go out as soon as the readings arrive.
 pub const GATHER_ROWS: usize = 8192;
 
+/// Rows gathering on their way to a table, with their count and size.
+#[derive(Default)]
+struct Gathered {
+    batches: Vec<RecordBatch>,
+    rows: usize,
+    /// As the backlog counts them (`RecordBatch::get_array_memory_size`).
+    bytes: usize,
+}
+
 pub struct Runner {
     pipeline: CompiledPipeline,
     task_ctx: Arc<TaskContext>,
@@ -276,10 +285,8 @@ pub struct Runner {
     now: i64,
     /// Per stream: rows waiting for the views and micro-batch queries that read it.
     pending: Vec<Vec<RecordBatch>>,
-    /// Per source: rows on their way to its raw table, handed over by [`GATHER_ROWS`],
-    /// and their size in bytes.
-    raw_pending: Vec<Vec<RecordBatch>>,
-    raw_pending_bytes: Vec<usize>,
+    /// Per source: rows on their way to its raw table, handed over by [`GATHER_ROWS`].
+    raw_pending: Vec<Gathered>,
     /// Bytes of rows taken off the channel and still held here (gathering), not yet
     /// released to the backlog (see [`Runner::release`]).
     held: usize,
@@ -333,8 +340,7 @@ impl Runner {
             clocks,
             now: i64::MIN,
             pending: vec![Vec::new(); n],
-            raw_pending: vec![Vec::new(); sources],
-            raw_pending_bytes: vec![0; sources],
+            raw_pending: (0..sources).map(|_| Gathered::default()).collect(),
             held: 0,
             views: vec![],
             micro: vec![],
@@ -847,7 +853,7 @@ impl Runner {
                     self.run_due_micro_batches().await;
                     // Gathered rows count in the backlog: they may not take more than
                     // half of it, or a small backlog would pass one backlog's worth a tick.
-                    let gathered: usize = self.raw_pending_bytes.iter().sum();
+                    let gathered: usize = self.raw_pending.iter().map(|g| g.bytes).sum();
                     if self.backlog.as_ref().is_some_and(|b| gathered * 2 >= b.limit()) {
                         self.run_micro_batches().await;
                     }
@@ -908,9 +914,10 @@ impl Runner {
             // Gathered, as a table-only stream's rows are: one batch (and one wake-up of
             // the writer's thread) per GATHER_ROWS rather than per read of the socket.
             if let Some(raw) = self.raw_pending.get_mut(i) {
-                self.raw_pending_bytes[i] += batch.get_array_memory_size();
-                raw.push(batch.clone());
-                if raw.iter().map(|b| b.num_rows()).sum::<usize>() >= GATHER_ROWS {
+                raw.rows += batch.num_rows();
+                raw.bytes += batch.get_array_memory_size();
+                raw.batches.push(batch.clone());
+                if raw.rows >= GATHER_ROWS {
                     self.write_raw(i);
                 }
             }
@@ -1016,8 +1023,9 @@ impl Runner {
     /// query over gathered rows still holds ingest back. Never more than was taken.
     fn release(&mut self, taken: usize) {
         let held = self
-            .raw_pending_bytes
+            .raw_pending
             .iter()
+            .map(|g| g.bytes)
             .sum::<usize>()
             .min(self.held + taken);
         if let Some(b) = &self.backlog {
@@ -1028,8 +1036,7 @@ impl Runner {
 
     /// Hands the raw rows gathered for source `i` to its raw table, as one batch.
     fn write_raw(&mut self, i: usize) {
-        let mut batches = std::mem::take(&mut self.raw_pending[i]);
-        self.raw_pending_bytes[i] = 0;
+        let mut batches = std::mem::take(&mut self.raw_pending[i]).batches;
         let out = &self.outputs.raw[i];
         if batches.len() <= 1 {
             batches.pop().into_iter().for_each(|b| out.write_table(b));
