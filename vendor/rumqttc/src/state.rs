@@ -163,11 +163,20 @@ impl MqttState {
         &mut self,
         packet: Incoming,
     ) -> Result<Option<Packet>, StateError> {
+        // fleetsql patch: a publish moves into the event queue; upstream clones every
+        // packet first, a copy of the topic per message received. Only its QoS and packet
+        // id are needed here, and the auto-ack events follow the publish as upstream.
+        if let Incoming::Publish(publish) = packet {
+            let (qos, pkid) = (publish.qos, publish.pkid);
+            self.events.push_back(Event::Incoming(Incoming::Publish(publish)));
+            let outgoing = self.handle_incoming_publish(qos, pkid)?;
+            self.last_incoming = Instant::now();
+            return Ok(outgoing);
+        }
         self.events.push_back(Event::Incoming(packet.clone()));
 
         let outgoing = match &packet {
             Incoming::PingResp => self.handle_incoming_pingresp()?,
-            Incoming::Publish(publish) => self.handle_incoming_publish(publish)?,
             Incoming::SubAck(_suback) => self.handle_incoming_suback()?,
             Incoming::UnsubAck(_unsuback) => self.handle_incoming_unsuback()?,
             Incoming::PubAck(puback) => self.handle_incoming_puback(puback)?,
@@ -194,20 +203,17 @@ impl MqttState {
 
     /// Results in a publish notification in all the QoS cases. Replys with an ack
     /// in case of QoS1 and Replys rec in case of QoS while also storing the message
-    fn handle_incoming_publish(&mut self, publish: &Publish) -> Result<Option<Packet>, StateError> {
-        let qos = publish.qos;
-
+    fn handle_incoming_publish(&mut self, qos: QoS, pkid: u16) -> Result<Option<Packet>, StateError> {
         match qos {
             QoS::AtMostOnce => Ok(None),
             QoS::AtLeastOnce => {
                 if !self.manual_acks {
-                    let puback = PubAck::new(publish.pkid);
+                    let puback = PubAck::new(pkid);
                     return self.outgoing_puback(puback);
                 }
                 Ok(None)
             }
             QoS::ExactlyOnce => {
-                let pkid = publish.pkid;
                 self.incoming_pub.insert(pkid as usize);
 
                 if !self.manual_acks {
@@ -595,9 +601,9 @@ mod test {
         let publish2 = build_incoming_publish(QoS::AtLeastOnce, 2);
         let publish3 = build_incoming_publish(QoS::ExactlyOnce, 3);
 
-        mqtt.handle_incoming_publish(&publish1).unwrap();
-        mqtt.handle_incoming_publish(&publish2).unwrap();
-        mqtt.handle_incoming_publish(&publish3).unwrap();
+        mqtt.handle_incoming_publish(publish1.qos, publish1.pkid).unwrap();
+        mqtt.handle_incoming_publish(publish2.qos, publish2.pkid).unwrap();
+        mqtt.handle_incoming_publish(publish3.qos, publish3.pkid).unwrap();
 
         // only qos2 publish should be add to queue
         assert!(mqtt.incoming_pub.contains(3));
@@ -612,9 +618,9 @@ mod test {
         let publish2 = build_incoming_publish(QoS::AtLeastOnce, 2);
         let publish3 = build_incoming_publish(QoS::ExactlyOnce, 3);
 
-        mqtt.handle_incoming_publish(&publish1).unwrap();
-        mqtt.handle_incoming_publish(&publish2).unwrap();
-        mqtt.handle_incoming_publish(&publish3).unwrap();
+        mqtt.handle_incoming_publish(publish1.qos, publish1.pkid).unwrap();
+        mqtt.handle_incoming_publish(publish2.qos, publish2.pkid).unwrap();
+        mqtt.handle_incoming_publish(publish3.qos, publish3.pkid).unwrap();
 
         if let Event::Outgoing(Outgoing::PubAck(pkid)) = mqtt.events[0] {
             assert_eq!(pkid, 2);
@@ -639,9 +645,9 @@ mod test {
         let publish2 = build_incoming_publish(QoS::AtLeastOnce, 2);
         let publish3 = build_incoming_publish(QoS::ExactlyOnce, 3);
 
-        mqtt.handle_incoming_publish(&publish1).unwrap();
-        mqtt.handle_incoming_publish(&publish2).unwrap();
-        mqtt.handle_incoming_publish(&publish3).unwrap();
+        mqtt.handle_incoming_publish(publish1.qos, publish1.pkid).unwrap();
+        mqtt.handle_incoming_publish(publish2.qos, publish2.pkid).unwrap();
+        mqtt.handle_incoming_publish(publish3.qos, publish3.pkid).unwrap();
 
         assert!(mqtt.incoming_pub.contains(3));
 
@@ -653,7 +659,7 @@ mod test {
         let mut mqtt = build_mqttstate();
         let publish = build_incoming_publish(QoS::ExactlyOnce, 1);
 
-        let packet = mqtt.handle_incoming_publish(&publish).unwrap().unwrap();
+        let packet = mqtt.handle_incoming_publish(publish.qos, publish.pkid).unwrap().unwrap();
         match packet {
             Packet::PubRec(pubrec) => assert_eq!(pubrec.pkid, 1),
             _ => panic!("Invalid network request: {:?}", packet),
@@ -740,7 +746,7 @@ mod test {
         let mut mqtt = build_mqttstate();
         let publish = build_incoming_publish(QoS::ExactlyOnce, 1);
 
-        let packet = mqtt.handle_incoming_publish(&publish).unwrap().unwrap();
+        let packet = mqtt.handle_incoming_publish(publish.qos, publish.pkid).unwrap().unwrap();
         match packet {
             Packet::PubRec(pubrec) => assert_eq!(pubrec.pkid, 1),
             packet => panic!("Invalid network request: {:?}", packet),
