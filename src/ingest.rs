@@ -52,6 +52,29 @@ struct Incoming {
     ack: Option<Publish>,
 }
 
+impl Incoming {
+    fn new(p: Publish, received_at: i64) -> Incoming {
+        let ack = (p.qos != QoS::AtMostOnce).then(|| {
+            let mut a = Publish::new("", p.qos, Vec::<u8>::new());
+            a.pkid = p.pkid;
+            a
+        });
+        Incoming {
+            pkid: p.pkid,
+            dup: p.dup,
+            ack,
+            msg: Message {
+                topic: p.topic,
+                payload: p.payload,
+                received_at,
+            },
+        }
+    }
+}
+
+/// Reads (batches of publishes) received and not yet logged: see `run`.
+const INCOMING_READS: usize = 128;
+
 /// Runs until `shutdown` turns true; then disconnects and returns once every message
 /// logged has been handed to the shards. Returns the log position after the last message
 /// routed (or why ingest had to stop: the log or a checkpoint could not be written).
@@ -82,9 +105,10 @@ pub async fn run(
         .collect();
 
     // Received, not yet logged: no more than the broker's in-flight window, since none of
-    // it is acknowledged. Logged, not yet routed: bounded in messages, so a backlog of
-    // large payloads stays at the broker rather than here.
-    let (tx, rx) = mpsc::channel::<Incoming>(16_384);
+    // it is acknowledged (at QoS 0, at most this many reads of up to 100 packets each).
+    // Logged, not yet routed: bounded in messages, so a backlog of large payloads stays at
+    // the broker rather than here.
+    let (tx, rx) = mpsc::channel::<Vec<Incoming>>(INCOMING_READS);
     let (logged_tx, logged_rx) = mpsc::channel::<Message>(1024);
     // Everything the log holds at start is on disk.
     let (durable_tx, durable_rx) = watch::channel(cfg.wal.next_seq());
@@ -105,29 +129,32 @@ pub async fn run(
     let reconnects = metrics.broker_reconnects.with_label_values(&["ingest"]);
     let mut backoff = Duration::from_millis(100);
     let mut ever_connected = false;
+    // Made once: a `changed()` per poll registered and dropped a waiter per message.
+    let stop = async {
+        let _ = shutdown.changed().await;
+    };
+    tokio::pin!(stop);
     loop {
         let ev = tokio::select! {
             ev = eventloop.poll() => ev,
-            _ = shutdown.changed() => break,
+            _ = &mut stop => break,
         };
         match ev {
             Ok(Event::Incoming(Packet::Publish(p))) => {
-                let ack = (p.qos != QoS::AtMostOnce).then(|| {
-                    let mut a = Publish::new("", p.qos, Vec::<u8>::new());
-                    a.pkid = p.pkid;
-                    a
-                });
-                let m = Incoming {
-                    pkid: p.pkid,
-                    dup: p.dup,
-                    ack,
-                    msg: Message {
-                        topic: p.topic,
-                        payload: p.payload,
-                        received_at: crate::time::now_ms(),
-                    },
-                };
-                if tx.send(m).await.is_err() {
+                // The client decodes a whole read before it returns its first packet: the
+                // publishes queued behind this one go to the log task with it, one send
+                // and one timestamp (they arrived together) per read instead of per
+                // message. Other events stay queued for `poll`, in order.
+                let received_at = crate::time::now_ms();
+                let queued = &mut eventloop.state.events;
+                let mut read = Vec::with_capacity(1 + queued.len());
+                read.push(Incoming::new(p, received_at));
+                while let Some(Event::Incoming(Packet::Publish(_))) = queued.front() {
+                    if let Some(Event::Incoming(Packet::Publish(p))) = queued.pop_front() {
+                        read.push(Incoming::new(p, received_at));
+                    }
+                }
+                if tx.send(read).await.is_err() {
                     break;
                 }
             }
@@ -159,7 +186,7 @@ pub async fn run(
                 tracing::warn!(broker = %cfg.broker, "ingest connection: {e}; retrying in {backoff:?}");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {},
-                    _ = shutdown.changed() => break,
+                    _ = &mut stop => break,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
@@ -190,7 +217,7 @@ pub async fn run(
 /// which they are on disk. A failed write or fsync stops ingest: nothing more is
 /// acknowledged.
 async fn log(
-    mut rx: mpsc::Receiver<Incoming>,
+    mut rx: mpsc::Receiver<Vec<Incoming>>,
     wal: Wal,
     mut redeliveries: Redeliveries,
     client: AsyncClient,
@@ -210,10 +237,10 @@ async fn log(
         durable,
         metrics.clone(),
     ));
-    let mut buf = Vec::with_capacity(1024);
+    let mut buf = Vec::with_capacity(16);
     'batches: loop {
         let n = tokio::select! {
-            n = rx.recv_many(&mut buf, 1024) => n,
+            n = rx.recv_many(&mut buf, 16) => n,
             // The syncer stops before this task only on an error (a failed write or
             // fsync). Nothing is acknowledged after it, so the broker may send nothing
             // more: waiting for the next message to notice could be waiting forever.
@@ -222,9 +249,10 @@ async fn log(
         if n == 0 {
             break;
         }
-        let mut acks = Vec::with_capacity(buf.len());
-        let mut fresh = Vec::with_capacity(buf.len());
-        for inc in buf.drain(..) {
+        let total = buf.iter().map(Vec::len).sum();
+        let mut acks = Vec::with_capacity(total);
+        let mut fresh = Vec::with_capacity(total);
+        for inc in buf.drain(..).flatten() {
             acks.extend(inc.ack);
             if inc.dup
                 && redeliveries.is_logged(inc.pkid, &inc.msg.topic, &inc.msg.payload, next_seq)
