@@ -135,7 +135,9 @@ impl SourceDecoder {
         if self.pending.is_empty() {
             return (None, vec![]);
         }
-        let pending = std::mem::take(&mut self.pending);
+        // The next flush holds about as many: start there rather than grow from empty.
+        let next = Vec::with_capacity(self.pending.len());
+        let pending = std::mem::replace(&mut self.pending, next);
         let mut dead = Vec::new();
         let (payload, good, counts) =
             match decode_all(&mut self.decoder, &self.shape.payload_schema, &pending) {
