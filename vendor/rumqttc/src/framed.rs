@@ -74,6 +74,9 @@ impl Network {
                 _ => break,
             };
         }
+        // fleetsql: once per read (publishes no longer set it one by one, see
+        // `MqttState::handle_incoming_packet`).
+        state.last_incoming = std::time::Instant::now();
 
         Ok(())
     }

@@ -49,9 +49,9 @@ pub struct MqttState {
     /// resolving collisions will result in error
     pub collision_ping_count: usize,
     /// Last incoming packet time
-    last_incoming: Instant,
+    pub(crate) last_incoming: Instant,
     /// Last outgoing packet time
-    last_outgoing: Instant,
+    pub(crate) last_outgoing: Instant,
     /// Packet id of the last outgoing packet
     pub(crate) last_pkid: u16,
     /// Packet id of the last acked publish
@@ -139,6 +139,18 @@ impl MqttState {
         &mut self,
         request: Request,
     ) -> Result<Option<Packet>, StateError> {
+        let packet = self.handle_outgoing_unclocked(request)?;
+        self.last_outgoing = Instant::now();
+        Ok(packet)
+    }
+
+    /// fleetsql patch: `handle_outgoing_packet` without reading the clock, for the event
+    /// loop's batches of requests, which set `last_outgoing` once per batch (a clock read
+    /// per acknowledgement was 0.015 us of the engine's 3 us per message).
+    pub(crate) fn handle_outgoing_unclocked(
+        &mut self,
+        request: Request,
+    ) -> Result<Option<Packet>, StateError> {
         let packet = match request {
             Request::Publish(publish) => self.outgoing_publish(publish)?,
             Request::PubRel(pubrel) => self.outgoing_pubrel(pubrel)?,
@@ -150,8 +162,6 @@ impl MqttState {
             Request::PubRec(pubrec) => self.outgoing_pubrec(pubrec)?,
             _ => unimplemented!(),
         };
-
-        self.last_outgoing = Instant::now();
         Ok(packet)
     }
 
@@ -166,12 +176,11 @@ impl MqttState {
         // fleetsql patch: a publish moves into the event queue; upstream clones every
         // packet first, a copy of the topic per message received. Only its QoS and packet
         // id are needed here, and the auto-ack events follow the publish as upstream.
+        // `Network::readb` sets `last_incoming` once per read rather than per publish.
         if let Incoming::Publish(publish) = packet {
             let (qos, pkid) = (publish.qos, publish.pkid);
             self.events.push_back(Event::Incoming(Incoming::Publish(publish)));
-            let outgoing = self.handle_incoming_publish(qos, pkid)?;
-            self.last_incoming = Instant::now();
-            return Ok(outgoing);
+            return self.handle_incoming_publish(qos, pkid);
         }
         self.events.push_back(Event::Incoming(packet.clone()));
 
