@@ -232,8 +232,11 @@ impl RunArgs {
 }
 
 /// Logging when RUST_LOG is unset. The embedded broker logs every dropped client
-/// connection as an error; its own failures are reported by the engine.
-const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttd::server::broker=off,rumqttc=warn";
+/// connection as an error, and its router one more ("no-connection id N is already
+/// gone") for each client still connected when the engine stops; its own failures are
+/// reported by the engine.
+const DEFAULT_LOG: &str = "info,rumqttd=warn,rumqttd::server::broker=off,\
+                           rumqttd::router::routing=off,rumqttc=warn";
 
 /// Entry point of the binary; returns the process exit code.
 pub fn main() -> i32 {

@@ -428,3 +428,50 @@ fn tls_broker_with_private_ca() {
     });
     assert_eq!(engine.terminate(), 0);
 }
+
+/// Logged as a user's run logs (`RUST_LOG` unset), the zero-setup run of the nightlight
+/// example and its stop log no warning and no error: an operator reads every one.
+#[test]
+fn a_clean_run_and_stop_log_no_warning() {
+    let data = tempfile::tempdir().unwrap();
+    let listen = format!("127.0.0.1:{}", free_port());
+    let pipeline = repo()
+        .join("pipelines/nightlight.sql")
+        .display()
+        .to_string();
+    let engine = Engine::start_with_default_log(
+        data.path(),
+        &[
+            &pipeline,
+            "--listen",
+            &listen,
+            "--simulate",
+            "4",
+            "--simulate-interval",
+            "50ms",
+        ],
+    );
+    wait_until(
+        Duration::from_secs(20),
+        "simulated devices receive commands",
+        || {
+            engine
+                .log()
+                .matches("simulated device received command")
+                .count()
+                >= 8
+        },
+    );
+    let log = engine.log.clone();
+    assert_eq!(engine.terminate(), 0);
+    wait_until(
+        Duration::from_secs(10),
+        "the engine's stderr closes",
+        || log.lock().unwrap().ends_with(STDERR_CLOSED),
+    );
+    let log = log.lock().unwrap();
+    assert!(
+        !log.contains("ERROR") && !log.contains("WARN"),
+        "a clean run and stop logged a warning or an error:\n{log}"
+    );
+}

@@ -149,6 +149,10 @@ impl Mosquitto {
     }
 }
 
+/// The last line of [`Engine::log`] once the engine's stderr is closed: all it logged is
+/// there.
+pub const STDERR_CLOSED: &str = "[stderr closed]\n";
+
 /// The engine, run as users run it.
 pub struct Engine {
     pub proc: Proc,
@@ -166,6 +170,20 @@ impl Engine {
     /// [`Engine::start`], with every file the engine writes limited to `file_kib` KiB
     /// (`ulimit -f`): writes past it fail as on a full disk.
     pub fn start_limited(data_dir: &Path, args: &[&str], file_kib: Option<u64>) -> Engine {
+        Self::start_with(data_dir, args, file_kib, Some("info,rumqttd=off"))
+    }
+
+    /// [`Engine::start`] logging as a user's run does: `RUST_LOG` unset.
+    pub fn start_with_default_log(data_dir: &Path, args: &[&str]) -> Engine {
+        Self::start_with(data_dir, args, None, None)
+    }
+
+    fn start_with(
+        data_dir: &Path,
+        args: &[&str],
+        file_kib: Option<u64>,
+        rust_log: Option<&str>,
+    ) -> Engine {
         let metrics_port = free_port();
         let mut cmd = match file_kib {
             None => Command::new(BIN),
@@ -181,9 +199,12 @@ impl Engine {
             .arg(data_dir)
             .arg("--metrics-addr")
             .arg(format!("127.0.0.1:{metrics_port}"))
-            .env("RUST_LOG", "info,rumqttd=off")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
+        match rust_log {
+            Some(filter) => cmd.env("RUST_LOG", filter),
+            None => cmd.env_remove("RUST_LOG"),
+        };
         let mut child = cmd.spawn().expect("start fleetsql");
         let log = Arc::new(Mutex::new(String::new()));
         let stderr = child.stderr.take().unwrap();
@@ -194,6 +215,7 @@ impl Engine {
                 g.push_str(&line);
                 g.push('\n');
             }
+            l.lock().unwrap().push_str(STDERR_CLOSED);
         });
         let e = Engine {
             proc: Proc(Some(child)),
