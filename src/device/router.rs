@@ -278,7 +278,7 @@ impl ShardRouter {
     }
 
     /// What a status topic message says; a payload meaning neither is a dead letter.
-    fn status_of(&self, msg: &Msg) -> Result<Option<bool>, DeadLetter> {
+    fn status_of(&self, msg: &Msg) -> Result<Option<bool>, Box<DeadLetter>> {
         let Some((p, spec)) = self
             .presence
             .as_ref()
@@ -286,13 +286,15 @@ impl ShardRouter {
         else {
             return Ok(None);
         };
-        presence::parse_status(spec, &msg.payload).map_err(|error| DeadLetter {
-            source: Some(p.name.to_string()),
-            error,
-            topic: msg.topic.clone(),
-            payload: msg.payload.clone(),
-            reason: reason::BAD_STATUS,
-            received_at: msg.received_at,
+        presence::parse_status(spec, &msg.payload).map_err(|error| {
+            Box::new(DeadLetter {
+                source: Some(p.name.to_string()),
+                error,
+                topic: msg.topic.clone(),
+                payload: msg.payload.clone(),
+                reason: reason::BAD_STATUS,
+                received_at: msg.received_at,
+            })
         })
     }
 
@@ -337,7 +339,7 @@ impl Handler<Ingest> for ShardRouter {
                     Ok(Some(online)) => Signal::Announced(online),
                     Ok(None) => continue,
                     Err(d) => {
-                        dead.push(d);
+                        dead.push(*d);
                         continue;
                     }
                 },
@@ -470,6 +472,9 @@ pub async fn flush_shards(routers: &[Addr<ShardRouter>]) {
 /// --shards 0`): the topic router's hand-over is then a wake on the same thread, not the
 /// `write(2)` to an eventfd that wakes a sleeping arbiter, which profiles showed was an
 /// eighth of the engine's CPU on a round trip (docs/benchmarks.md).
+// Each argument is a different part of the engine the shards are wired to; a struct
+// gathering them would only be unpacked here.
+#[allow(clippy::too_many_arguments)]
 pub fn start_shards(
     n: usize,
     shapes: Vec<Arc<SourceShape>>,

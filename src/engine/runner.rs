@@ -247,8 +247,11 @@ struct Durable {
 /// how to open the output of a sink it adds.
 pub struct ReloadContext {
     pub paths: Vec<PathBuf>,
-    pub open_sink: Box<dyn Fn(&CompiledSink) -> anyhow::Result<Output> + Send>,
+    pub open_sink: OpenSink,
 }
+
+/// Opens the output of a sink (a Parquet writer, an MQTT publisher).
+pub type OpenSink = Box<dyn Fn(&CompiledSink) -> anyhow::Result<Output> + Send>;
 
 /// How often reference files are checked for changes.
 const REFERENCE_CHECK_MS: i64 = 1000;

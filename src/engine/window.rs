@@ -227,10 +227,13 @@ pub enum WindowsState {
     },
     Sessions {
         closed: i64,
-        /// Key (row format), and its sessions: start, last event time, batch numbers.
-        open: Vec<(Vec<u8>, Vec<(i64, i64, Vec<usize>)>)>,
+        /// Key (row format), and its sessions.
+        open: Vec<(Vec<u8>, Vec<SessionState>)>,
     },
 }
+
+/// A session in a checkpoint: start, last event time, batch numbers.
+pub type SessionState = (i64, i64, Vec<usize>);
 
 fn times(batch: &RecordBatch, et: usize) -> Option<&TimestampMillisecondArray> {
     batch
@@ -278,7 +281,7 @@ impl Panes {
         // Under QoS 1 a pane receives a batch per dozen readings: thousands a second, each
         // a step of the window's query at its close. Every so often the small batches at
         // the end are joined into one, once they hold enough rows.
-        if batches.len() % 32 == 0 {
+        if batches.len().is_multiple_of(32) {
             let small = batches
                 .iter()
                 .rev()

@@ -287,12 +287,12 @@ impl InputFile {
                         .collect::<Vec<_>>(),
                 ));
                 let counting = Counting { inner: file, read };
-                ChunksInner::Csv(
+                ChunksInner::Csv(Box::new(
                     arrow_csv::ReaderBuilder::new(schema)
                         .with_header(true)
                         .with_batch_size(batch_rows)
                         .build(BufReader::with_capacity(1 << 20, counting))?,
-                )
+                ))
             }
             Kind::Parquet => {
                 let b = ParquetRecordBatchReaderBuilder::try_new(file)?;
@@ -353,9 +353,9 @@ impl InputFile {
                         if c.null_count() > raw.null_count() {
                             let text =
                                 ArrayFormatter::try_new(raw.as_ref(), &FormatOptions::default())?;
-                            for r in 0..n {
-                                if c.is_null(r) && raw.is_valid(r) && bad[r].is_none() {
-                                    bad[r] = Some((
+                            for (r, slot) in bad.iter_mut().enumerate() {
+                                if c.is_null(r) && raw.is_valid(r) && slot.is_none() {
+                                    *slot = Some((
                                         reason::SCHEMA_MISMATCH,
                                         format!(
                                             "column `{name}`: `{}` is not a value of type {}",
@@ -377,9 +377,9 @@ impl InputFile {
                 Fill::Null => new_null_array(f.data_type(), n),
             };
             if !f.is_nullable() && col.null_count() > 0 {
-                for r in 0..n {
-                    if col.is_null(r) && bad[r].is_none() {
-                        bad[r] = Some((
+                for (r, slot) in bad.iter_mut().enumerate() {
+                    if col.is_null(r) && slot.is_none() {
+                        *slot = Some((
                             reason::SCHEMA_MISMATCH,
                             format!(
                                 "column `{name}` is empty, and the source declares it NOT NULL"
@@ -397,8 +397,8 @@ impl InputFile {
         };
         let ms = time_ms(&time_col)?;
         let time_text = ArrayFormatter::try_new(time_col.as_ref(), &FormatOptions::default())?;
-        for r in 0..n {
-            if ms.is_null(r) && bad[r].is_none() {
+        for (r, slot) in bad.iter_mut().enumerate() {
+            if ms.is_null(r) && slot.is_none() {
                 let why = if time_col.is_null(r) {
                     format!("no event time: column `{}` is empty", self.time_name)
                 } else {
@@ -408,7 +408,7 @@ impl InputFile {
                         time_text.value(r)
                     )
                 };
-                bad[r] = Some((reason::BAD_EVENT_TIME, why));
+                *slot = Some((reason::BAD_EVENT_TIME, why));
             }
         }
         // Null times belong to refused rows only, which are filtered out below.
@@ -580,7 +580,8 @@ impl<R: Read> Read for Counting<R> {
 }
 
 enum ChunksInner {
-    Csv(arrow_csv::Reader<BufReader<Counting<File>>>),
+    // Boxed: the reader is large beside the Parquet variant.
+    Csv(Box<arrow_csv::Reader<BufReader<Counting<File>>>>),
     Parquet {
         reader: parquet::arrow::arrow_reader::ParquetRecordBatchReader,
         read: Arc<AtomicU64>,
