@@ -161,30 +161,46 @@ fn nightlight_through_mosquitto() {
     );
 }
 
+/// The zero-setup path (embedded broker, four simulated devices) on an example pipeline,
+/// each device sending every `interval`; `default_log`: logged as a user's run is
+/// (`RUST_LOG` unset).
+fn zero_setup(
+    data: &std::path::Path,
+    example: &str,
+    interval: &str,
+    extra: &[&str],
+    default_log: bool,
+) -> Engine {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let pipeline = repo().join("pipelines").join(example).display().to_string();
+    let mut args = vec![
+        pipeline.as_str(),
+        "--listen",
+        &listen,
+        "--simulate",
+        "4",
+        "--simulate-interval",
+        interval,
+    ];
+    args.extend_from_slice(extra);
+    if default_log {
+        Engine::start_with_default_log(data, &args)
+    } else {
+        Engine::start(data, &args)
+    }
+}
+
 /// The zero-setup path: embedded broker, simulated devices, a tumbling window; SIGTERM
 /// flushes every open window, so each stored reading is counted in exactly one window.
 #[test]
 fn embedded_broker_simulated_devices_and_windows() {
     let data = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let pipeline = repo()
-        .join("pipelines/light_summary.sql")
-        .display()
-        .to_string();
-    let engine = Engine::start(
+    let engine = zero_setup(
         data.path(),
-        &[
-            &pipeline,
-            "--listen",
-            &listen,
-            "--simulate",
-            "4",
-            "--simulate-interval",
-            "100ms",
-            "--commit-interval",
-            "1s",
-            "--drain",
-        ],
+        "light_summary.sql",
+        "100ms",
+        &["--commit-interval", "1s", "--drain"],
+        false,
     );
     wait_until(
         Duration::from_secs(20),
@@ -434,23 +450,7 @@ fn tls_broker_with_private_ca() {
 #[test]
 fn a_clean_run_and_stop_log_no_warning() {
     let data = tempfile::tempdir().unwrap();
-    let listen = format!("127.0.0.1:{}", free_port());
-    let pipeline = repo()
-        .join("pipelines/nightlight.sql")
-        .display()
-        .to_string();
-    let engine = Engine::start_with_default_log(
-        data.path(),
-        &[
-            &pipeline,
-            "--listen",
-            &listen,
-            "--simulate",
-            "4",
-            "--simulate-interval",
-            "50ms",
-        ],
-    );
+    let engine = zero_setup(data.path(), "nightlight.sql", "50ms", &[], true);
     wait_until(
         Duration::from_secs(20),
         "simulated devices receive commands",
