@@ -163,17 +163,32 @@ async fn device(
         tokio::time::Instant::now() + Duration::from_millis(jitter),
         interval,
     );
-    loop {
-        tokio::select! {
-            _ = stop.changed() => break,
-            _ = tick.tick() => {
-                for (si, s) in plan.sources.iter().enumerate() {
-                    let Some(topic) = topics.get(si) else { continue };
-                    let payload = reading(s, &mut state[si]);
-                    let _ = client.try_publish(topic.clone(), QoS::AtLeastOnce, false, payload.to_string());
+    // Publishing and the event loop run side by side, never one inside the other's
+    // `select!`: a `poll()` dropped half-way (by a tick, every interval) starts its
+    // connection over, so at intervals shorter than a connect the device never connected.
+    let publish = async {
+        loop {
+            tick.tick().await;
+            for (si, s) in plan.sources.iter().enumerate() {
+                let Some(topic) = topics.get(si) else {
+                    continue;
+                };
+                let payload = reading(s, &mut state[si]).to_string();
+                // Waits while the client's queue is full (the broker is slower than the
+                // device): a simulated device slows down rather than dropping readings.
+                if client
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
+                    .await
+                    .is_err()
+                {
+                    return;
                 }
             }
-            ev = eventloop.poll() => match ev {
+        }
+    };
+    let events = async {
+        loop {
+            match eventloop.poll().await {
                 Ok(Event::Incoming(Packet::ConnAck(_))) => {
                     for c in &commands {
                         let _ = client.try_subscribe(c.clone(), QoS::AtLeastOnce);
@@ -186,6 +201,11 @@ async fn device(
                 Err(_) => tokio::time::sleep(Duration::from_millis(500)).await,
             }
         }
+    };
+    tokio::select! {
+        _ = stop.changed() => {}
+        () = publish => {}
+        () = events => {}
     }
     let _ = client.try_disconnect();
 }
