@@ -43,6 +43,9 @@ pub struct Metrics {
     pub backpressure_seconds: prometheus::Counter,
     /// Messages appended to the write-ahead log (and then acknowledged).
     pub wal_messages: IntCounter,
+    /// Writes of the log forced to disk (with `--fsync off`, handed to the system): one per
+    /// group of batches, so messages per sync is this against `wal_messages`.
+    pub wal_syncs: IntCounter,
     /// Failed writes of the log: the engine stops taking messages.
     pub wal_errors: IntCounter,
     /// Broker redeliveries of messages already logged: acknowledged, not stored again.
@@ -260,6 +263,12 @@ impl Metrics {
                 &r,
                 "fleetsql_wal_messages_total",
                 "Messages written to the write-ahead log before being acknowledged",
+            ),
+            wal_syncs: int_counter(
+                &r,
+                "fleetsql_wal_syncs_total",
+                "Syncs of the write-ahead log, each writing (and with --fsync always forcing to \
+                 disk) every message logged since the one before",
             ),
             wal_errors: int_counter(
                 &r,
