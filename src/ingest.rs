@@ -317,13 +317,14 @@ async fn ack_all(client: &AsyncClient, acks: &[Publish]) {
 /// The longest a sync of the log waits for more messages while acknowledgements wait for
 /// it (see `sync`). Each sync costs the same whatever it carries (a `write`, an
 /// `fdatasync`, a burst of PUBACKs); at 100,000 readings/s one every 5 ms instead of every
-/// 2 ms cut the engine's CPU per reading at QoS 1 by about a seventh (docs/benchmarks.md).
+/// 2 ms cut the engine's CPU per reading at QoS 1 by about a seventh (docs/benchmarks.md,
+/// change 25).
 const ACKED_SYNC_INTERVAL: Duration = Duration::from_millis(5);
 
 /// ... unless nothing more has arrived for this long: a broker with an in-flight window
 /// (rumqttd: 100, EMQX: 32 by default) sends no more until it has acknowledgements, and
 /// would otherwise idle through the rest of the interval. The embedded broker delivered
-/// 17k readings/s with syncs every 2 ms, 8k with every 5 ms, 19k with this.
+/// 16-17k readings/s with syncs every 2 ms, 8k with every 5 ms, 19-20k with this.
 const ACKED_SYNC_IDLE: Duration = Duration::from_millis(1);
 
 /// The same when nothing waits but the log itself: QoS 0 messages, which the broker does
